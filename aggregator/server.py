@@ -1,0 +1,99 @@
+"""The aggregator's round state machine: validate updates, aggregate exactly, advance rounds.
+
+Transport-independent: it takes update bytes with the client id of their topic and produces
+the adapter and global messages; MQTT or an in-process loop carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from fedsb.adapter import adapter_state, trainable_state
+from fedsb.config import JobConfig
+from fedsb.errors import FedsbError, UpdateRejected
+from fedsb.methods import Method
+from fedsb.protocol import UpdateMeta, UpdateRules, encode_broadcast, validate_update
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What closing a round produced."""
+
+    round: int
+    clients: list[str]
+    examples: int
+    mean_loss: float
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class FederatedServer:
+    """Holds the global state of a job; one round open at a time."""
+
+    def __init__(self, job: JobConfig, model: nn.Module, method: Method) -> None:
+        self.job = job
+        self.method = method
+        self.round = 0
+        self.adapter = adapter_state(model, job.adapter.modules_to_save)
+        self.broadcast = method.initial_broadcast(model)
+        self.rules = UpdateRules(
+            job=job.name,
+            round=0,
+            shapes={k: tuple(v.shape) for k, v in trainable_state(model).items()},
+            max_rank=job.adapter.rank,
+        )
+        self.pending: dict[str, tuple[dict[str, torch.Tensor], UpdateMeta, int]] = {}
+        self.rejections: Counter[str] = Counter()
+
+    def adapter_payload(self) -> bytes:
+        """The one-time adapter message (frozen factors, starting trainable tensors)."""
+        return encode_broadcast(self.adapter, job=self.job.name, round_no=0, kind="adapter")
+
+    def global_payload(self) -> bytes:
+        """The current round's global message."""
+        return encode_broadcast(
+            self.broadcast, job=self.job.name, round_no=self.round, kind="global"
+        )
+
+    def submit(self, client_id: str, payload: bytes) -> str | None:
+        """Accept an update for the open round; return the rejection reason, or None if accepted."""
+        try:
+            state, meta = validate_update(payload, client_id, self.rules)
+            if client_id in self.pending:
+                raise UpdateRejected("duplicate", f"{client_id} already sent round {self.round}")
+        except UpdateRejected as err:
+            self.rejections[err.reason] += 1
+            log.warning("rejected update from %s: %s", client_id, err)
+            return err.reason
+        self.pending[client_id] = (state, meta, len(payload))
+        return None
+
+    def close_round(self) -> RoundResult:
+        """Aggregate the accepted updates (in client-id order) and open the next round."""
+        if not self.pending:
+            raise FedsbError(f"round {self.round} has no accepted update to aggregate")
+        ids = sorted(self.pending)
+        updates = [self.pending[i][0] for i in ids]
+        metas = [self.pending[i][1] for i in ids]
+        weights = [
+            float(m.examples) if self.job.federation.weighting == "examples" else 1.0 for m in metas
+        ]
+        self.broadcast = self.method.server_aggregate(
+            self.broadcast, updates, weights, [m.rank for m in metas], self.job.federation.padding
+        )
+        result = RoundResult(
+            round=self.round,
+            clients=ids,
+            examples=sum(m.examples for m in metas),
+            mean_loss=sum(m.loss * w for m, w in zip(metas, weights, strict=True)) / sum(weights),
+            upload_bytes={i: self.pending[i][2] for i in ids},
+        )
+        self.pending.clear()
+        self.round += 1
+        self.rules = UpdateRules(self.job.name, self.round, self.rules.shapes, self.rules.max_rank)
+        return result

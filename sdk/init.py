@@ -1,0 +1,141 @@
+"""Initialisation of the frozen factors B, A and the starting R (DESIGN §1.2)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .adapter import LoraSBConfig, LoraSBLayer, base_weight, dense_weight, lora_layers
+from .errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+# Above this size a randomized SVD (a few power iterations) replaces the exact one.
+EXACT_SVD_MAX_DIM = 2048
+
+
+def init_lora_sb(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None,
+    config: LoraSBConfig | None = None,
+) -> nn.Module:
+    """Set B, A and R of every adapter by `config.init`; `batches` is needed for `lora-sb` only.
+
+    `lora-sb`: B = U_r, A = V_rᵀ, R = diag(S_r)/s from the rank-r SVD of the estimated first
+    Adam step −η·sign(G), G the task-loss gradient of W0 averaged over `init_samples` examples.
+    """
+    config = config or getattr(model, "fedsb_config", None)
+    if config is None:
+        raise ConfigError(
+            "init_lora_sb needs a LoraSBConfig (apply_lora_sb stores one on the model)"
+        )
+    layers = lora_layers(model)
+    if not layers:
+        raise ModelError("the model has no LoRA-SB layers: call apply_lora_sb first")
+    if config.init == "lora-sb":
+        if batches is None:
+            raise ConfigError("init='lora-sb' needs example batches to estimate the first step")
+        grads = accumulate_base_gradients(model, batches, config.init_samples)
+        targets = {name: -config.init_lr * torch.sign(grads[name]) for name in layers}
+        for name, layer in layers.items():
+            set_factors_from_svd(layer, targets[name], scale_r=True)
+    elif config.init == "svd":
+        generator = torch.Generator().manual_seed(config.seed)
+        for layer in layers.values():
+            set_factors_from_svd(layer, dense_weight(layer.base).detach(), scale_r=False)
+            noise = torch.randn(layer.rank, layer.rank, generator=generator) * 1e-4
+            layer.lora_R.weight.data.copy_(noise)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        for layer in layers.values():
+            set_random_orthonormal(layer, generator)
+    return model
+
+
+def best_rank_approximation(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """(U_r, S_r, V_rᵀ) of the best rank-r approximation, in float64."""
+    m = matrix.detach().to(torch.float64)
+    if min(m.shape) <= EXACT_SVD_MAX_DIM:
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+    U, S, V = torch.svd_lowrank(m, q=min(rank + 10, min(m.shape)), niter=4)
+    return U[:, :rank], S[:rank], V[:, :rank].T
+
+
+def set_factors_from_svd(layer: LoraSBLayer, target: torch.Tensor, *, scale_r: bool) -> None:
+    """B = U_r, A = V_rᵀ of `target` (d_out × d_in); R = diag(S_r)/s if `scale_r`."""
+    U, S, Vh = best_rank_approximation(target, layer.rank)
+    dtype = layer.lora_R.weight.dtype
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(U.to(dtype))
+        layer.lora_A.weight.copy_(Vh.to(dtype))
+        if scale_r:
+            layer.lora_R.weight.copy_(torch.diag(S / layer.scaling).to(dtype))
+
+
+def set_random_orthonormal(layer: LoraSBLayer, generator: torch.Generator) -> None:
+    """Orthonormal B columns and A rows drawn from `generator`, R = 0."""
+    d_out, r = layer.lora_B.weight.shape
+    d_in = layer.lora_A.weight.shape[1]
+    B, _ = torch.linalg.qr(torch.randn(d_out, r, generator=generator, dtype=torch.float64))
+    A, _ = torch.linalg.qr(torch.randn(d_in, r, generator=generator, dtype=torch.float64))
+    dtype = layer.lora_R.weight.dtype
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(B.to(dtype))
+        layer.lora_A.weight.copy_(A.T.to(dtype))
+        layer.lora_R.weight.zero_()
+
+
+@contextlib.contextmanager
+def base_weights_require_grad(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Temporarily make only the base weights W0 of the adapters trainable; restore on exit."""
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    weights = {name: base_weight(layer.base) for name, layer in lora_layers(model).items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
+        yield weights
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            if p.grad is not None and not saved[name]:
+                p.grad = None
+
+
+def accumulate_base_gradients(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
+) -> dict[str, torch.Tensor]:
+    """Mean task-loss gradient of each adapted W0 over the first `max_examples` examples.
+
+    The gradients are returned as (d_out, d_in) float32, the orientation of `nn.Linear`.
+    """
+    was_training = model.training
+    model.eval()  # no dropout: the estimate must be deterministic
+    seen = 0
+    with base_weights_require_grad(model) as weights:
+        for batch in batches:
+            take = min(int(batch["labels"].shape[0]), max_examples - seen)
+            if take <= 0:
+                break
+            sliced = {k: v[:take] for k, v in batch.items()}
+            loss = model(**sliced).loss * take  # sum over examples
+            loss.backward()
+            seen += take
+        if seen == 0:
+            raise ConfigError("the initialisation batches are empty: no gradient to estimate")
+        grads = {}
+        for name, w in weights.items():
+            layer = model.get_submodule(name)
+            g = w.grad.T if not isinstance(layer.base, nn.Linear) else w.grad
+            grads[name] = (g / seen).detach().clone()
+            w.grad = None
+    model.train(was_training)
+    log.info("LoRA-SB init: gradients from %d examples over %d layers", seen, len(grads))
+    return grads

@@ -1,0 +1,133 @@
+"""Messages exchanged by the aggregator and the clients, and the validation of updates.
+
+Transport-independent: the same payloads travel in process or over MQTT. All metadata is in
+the payload (DESIGN §3), never in transport properties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UpdateRejected, WireFormatError
+from .wire import decode_update, encode_update
+
+DEFAULT_MAX_UPDATE_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What a client says about its update."""
+
+    job: str
+    round: int
+    client: str
+    rank: int
+    examples: int
+    loss: float
+
+    def to_wire(self) -> dict[str, str]:
+        return {
+            "kind": "update",
+            "job": self.job,
+            "round": str(self.round),
+            "client": self.client,
+            "rank": str(self.rank),
+            "examples": str(self.examples),
+            "loss": repr(self.loss),
+        }
+
+
+def encode_client_update(state: Mapping[str, torch.Tensor], meta: UpdateMeta) -> bytes:
+    """An update message: the trained tensors and the client's metadata."""
+    return encode_update(state, meta.to_wire())
+
+
+def encode_broadcast(
+    state: Mapping[str, torch.Tensor], *, job: str, round_no: int, kind: str
+) -> bytes:
+    """A server message (`adapter` once, `global` each round)."""
+    return encode_update(state, {"kind": kind, "job": job, "round": str(round_no)})
+
+
+def decode_broadcast(payload: bytes, *, job: str, kind: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors and round of a server message, checked to be of this job and kind."""
+    state, meta = decode_update(payload, dtypes=(torch.float32,))
+    if meta.get("kind") != kind or meta.get("job") != job:
+        raise WireFormatError(
+            f"expected a {kind!r} message of job {job!r}, got {meta.get('kind')!r}/{meta.get('job')!r}"
+        )
+    return state, int(meta.get("round", "0"))
+
+
+@dataclass(frozen=True)
+class UpdateRules:
+    """What the aggregator accepts this round."""
+
+    job: str
+    round: int
+    shapes: Mapping[str, tuple[int, ...]]  # full shape of every uploadable tensor
+    max_rank: int
+    max_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+
+
+def _int_field(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise UpdateRejected("bad-metadata", f"{key!r} missing or not an integer") from None
+
+
+def validate_update(
+    payload: bytes, topic_client: str, rules: UpdateRules
+) -> tuple[dict[str, torch.Tensor], UpdateMeta]:
+    """Decode and check an update before it touches any state; raise UpdateRejected with a reason."""
+    if len(payload) > rules.max_bytes:
+        raise UpdateRejected("oversize", f"{len(payload)} bytes > {rules.max_bytes}")
+    try:
+        state, meta = decode_update(payload, max_bytes=rules.max_bytes)
+    except WireFormatError as err:
+        raise UpdateRejected("malformed", str(err)) from None
+    if meta.get("kind") != "update":
+        raise UpdateRejected("bad-metadata", f"kind is {meta.get('kind')!r}, expected 'update'")
+    if meta.get("job") != rules.job:
+        raise UpdateRejected("wrong-job", f"job {meta.get('job')!r} is not {rules.job!r}")
+    round_no = _int_field(meta, "round")
+    if round_no < rules.round:
+        raise UpdateRejected("stale-round", f"round {round_no} < current {rules.round}")
+    if round_no > rules.round:
+        raise UpdateRejected("future-round", f"round {round_no} > current {rules.round}")
+    if meta.get("client") != topic_client:
+        raise UpdateRejected(
+            "client-mismatch", f"client {meta.get('client')!r} sent on {topic_client!r}"
+        )
+    rank, examples = _int_field(meta, "rank"), _int_field(meta, "examples")
+    if not 1 <= rank <= rules.max_rank:
+        raise UpdateRejected("bad-rank", f"rank {rank} outside 1..{rules.max_rank}")
+    if examples < 1:
+        raise UpdateRejected("bad-metadata", f"examples must be positive, got {examples}")
+    check_shapes(state, rules.shapes, rank)
+    try:
+        loss = float(meta.get("loss", "nan"))
+    except ValueError:
+        loss = math.nan
+    return state, UpdateMeta(rules.job, round_no, topic_client, rank, examples, loss)
+
+
+def check_shapes(
+    state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], rank: int
+) -> None:
+    """Known names only; R blocks must be rank×rank, everything else its full shape."""
+    if not state:
+        raise UpdateRejected("empty", "the update carries no tensors")
+    for key, value in state.items():
+        if key not in shapes:
+            raise UpdateRejected("unknown-tensor", f"{key!r} is not a trainable tensor of this job")
+        expected = (rank, rank) if key.endswith(".R") else tuple(shapes[key])
+        if tuple(value.shape) != expected:
+            raise UpdateRejected(
+                "bad-shape", f"{key!r} has shape {tuple(value.shape)}, expected {expected}"
+            )
