@@ -67,6 +67,7 @@ def run_simulation(
     evaluator = FederatedClient(
         "evaluator", copy.deepcopy(fleet.base_model), fleet.test, job, rank=job.adapter.rank
     )
+    frozen = evaluator.evaluate()  # ΔW = 0: the pretrained model with the initial head
     adapter = server.adapter_payload()
     for participant in [*clients, evaluator]:
         participant.receive_adapter(adapter)
@@ -120,7 +121,10 @@ def run_simulation(
     )
     if not quiet:
         recorder.print_table(Console())
-    summary = summarise(recorder.rows) | {"seconds": round(time.perf_counter() - started, 1)}
+    summary = summarise(recorder.rows) | {
+        "accuracy_frozen": frozen["accuracy"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     summary["final_state"] = server.broadcast
     return summary
 
@@ -198,7 +202,8 @@ def simulate_command(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / job.name)
     summary = run_simulation(job, out, transport=args.transport, quiet=args.quiet)
     console.print(
-        f"accuracy {100 * summary['accuracy_before']:.1f}% → {100 * summary['accuracy_after']:.1f}% "
+        f"accuracy: frozen model {100 * summary['accuracy_frozen']:.1f}%, after init "
+        f"{100 * summary['accuracy_before']:.1f}% → {100 * summary['accuracy_after']:.1f}% "
         f"in {summary['rounds']} rounds, {summary['seconds']} s; outputs in {out}/"
     )
     return 0

@@ -49,7 +49,7 @@ def load_classifier(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         network = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=local
+            path, num_labels=num_labels, local_files_only=local, ignore_mismatched_sizes=True
         )
     except (OSError, ValueError) as err:
         where = "the directory" if local else "the Hugging Face Hub (this needs a network)"

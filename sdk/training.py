@@ -111,7 +111,7 @@ def train_local(
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        total_loss += float(loss) * int(batch["labels"].shape[0])
+        total_loss += float(loss.detach()) * int(batch["labels"].shape[0])
         seen += int(batch["labels"].shape[0])
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1), examples=seen, steps=steps)

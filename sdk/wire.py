@@ -335,7 +335,7 @@ def _check_entry(key: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
             f"tensor {key!r}: entry must hold exactly {sorted(_HEADER_ENTRY_KEYS)}"
         )
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in _ITEMSIZE:
+    if not isinstance(code, str) or code not in _ITEMSIZE:
         raise WireFormatError(f"tensor {key!r}: unsupported dtype {code!r}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_count(d) for d in shape):
         raise WireFormatError(f"tensor {key!r}: invalid shape")

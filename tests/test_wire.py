@@ -345,13 +345,21 @@ CORRUPT_CASES: list[tuple[str, bytes, str]] = [
     ("flip-version", VALID.replace(b"fedsb-wire/1", b"fedsb-wire/2"), "unsupported format"),
     ("not-utf8", join({}, b"")[:8] + b"\xff\xfe", "not valid JSON"),
     ("header-array", join([], b""), "not a JSON object"),  # type: ignore[arg-type]
-    ("duplicate-json-key", VALID.replace(b'"round":"17"', b'"round":"17","round":"1"'), "JSON"),
+    (
+        "duplicate-json-key",
+        VALID.replace(b'"round":"17"', b'"round":"17","round":"1"'),
+        "duplicate key",
+    ),
     ("nan-literal", VALID.replace(b'"shape":[48,', b'"shape":[NaN,'), "not valid JSON"),
     ("deep-nesting", join({"x": json.loads("[" * 50 + "]" * 50)}, b""), "no __metadata__"),
     ("recursion", struct.pack("<Q", 400_000) + b"[" * 400_000, "not valid JSON"),
     ("no-metadata", rewrite(VALID, lambda h: h.pop("__metadata__")), "no __metadata__"),
     ("meta-not-str", rewrite(VALID, set_meta("round", 17)), "values must be strings"),
-    ("no-version", rewrite(VALID, lambda h: h["__metadata__"].pop(wire.FORMAT_KEY)), "None"),
+    (
+        "no-version",
+        rewrite(VALID, lambda h: h["__metadata__"].pop(wire.FORMAT_KEY)),
+        "unsupported format version None",
+    ),
     ("no-layout", rewrite(VALID, lambda h: h["__metadata__"].pop(wire.LAYOUT_KEY)), "missing"),
     ("unknown-reserved", rewrite(VALID, set_meta("fedsb.extra", "1")), "unknown reserved"),
     ("layout-not-base64", rewrite(VALID, set_meta(wire.LAYOUT_KEY, "@@@@")), "garbled"),
@@ -375,16 +383,21 @@ CORRUPT_CASES: list[tuple[str, bytes, str]] = [
     ("layout-absent-group", rewrite(VALID, _rename_group), "names group 'g0'"),
     ("count-vs-first-dim", rewrite(VALID, set_layout([[47], *[v[:47] for v in LAYOUT[1:]]])), "47"),
     ("prefix-too-long", rewrite(VALID, set_layout([[2], [0, 5], ["a", "b"]])), "exceeds the prev"),
-    ("empty-name", rewrite(VALID, set_layout([[1], [0], [""]])), "first dim|empty"),
+    ("empty-name", rewrite(VALID, set_layout([[1], [0], [""]])), "empty tensor name"),
     ("duplicate-names", rewrite(VALID, _duplicate_names()), "duplicate tensor names"),
     (
         "huge-tensor-tiny-buffer",
         rewrite(VALID, _huge_tensor),
         "cover 3221225472 data bytes but the message has 49152",
     ),
+    ("entry-list-dtype", rewrite(VALID, lambda h: h["g0"].update(dtype=["F32"])), "unsupported"),
     ("entry-extra-field", rewrite(VALID, lambda h: h["g0"].update(x=1)), "exactly"),
     ("entry-bool-shape", rewrite(VALID, lambda h: h["g0"].update(shape=[True])), "invalid shape"),
-    ("entry-float-offset", rewrite(VALID, lambda h: h["g0"].update(data_offsets=[0.0, 1])), "off"),
+    (
+        "entry-float-offset",
+        rewrite(VALID, lambda h: h["g0"].update(data_offsets=[0.0, 1])),
+        "invalid data_offsets",
+    ),
     ("entry-reversed", rewrite(VALID, lambda h: h["g0"].update(data_offsets=[9, 0])), "reversed"),
     ("entry-ndim", rewrite(VALID, lambda h: h["g0"].update(shape=[1] * 40)), "invalid shape"),
     ("nan", encode_update(_nan_state()), "'bert.encoder.layer.5.attention.self.key.R' holds NaN"),
@@ -405,7 +418,8 @@ def test_decode_rejects_corrupt_input(message: bytes, match: str) -> None:
 def test_prefix_bomb_is_bounded() -> None:
     """Names that grow by reusing the whole previous name cannot blow up memory."""
     count = 5000
-    bomb = rewrite(VALID, set_layout([[count], [0] + list(range(1000, 1000 * count, 1000)), ["x" * 1000] * count]))  # fmt: skip
+    prefixes = [1000 * i for i in range(count)]
+    bomb = rewrite(VALID, set_layout([[count], prefixes, ["x" * 1000] * count]))
     with pytest.raises(WireFormatError, match="exceed 4194304 chars"):
         decode_update(bomb)
 
@@ -434,7 +448,8 @@ def test_nonfinite_allowed_on_request() -> None:
     """allow_nonfinite=True lets NaN through bit-exactly."""
     state = _nan_state()
     got, _ = decode_update(encode_update(state), allow_nonfinite=True)
-    assert_same_state({k: v.nan_to_num(7.0) for k, v in got.items()}, {k: v.nan_to_num(7.0) for k, v in state.items()})  # fmt: skip
+    bits = {k: v.view(torch.int32) for k, v in got.items()}
+    assert_same_state(bits, {k: v.view(torch.int32) for k, v in state.items()})
     assert bool(got["bert.encoder.layer.5.attention.self.key.R"][3, 4].isnan())
 
 
