@@ -11,12 +11,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from fedsb.adapter import adapter_state, trainable_state
 from fedsb.config import JobConfig
 from fedsb.errors import FedsbError, UpdateRejected
 from fedsb.methods import Method
 from fedsb.protocol import UpdateMeta, UpdateRules, encode_broadcast, validate_update
-from torch import nn
 
 log = logging.getLogger(__name__)
 

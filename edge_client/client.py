@@ -10,6 +10,8 @@ import logging
 from collections.abc import Mapping
 
 import torch
+from torch import nn
+
 from fedsb.adapter import (
     LoraSBConfig,
     apply_lora_sb,
@@ -22,7 +24,6 @@ from fedsb.errors import FedsbError
 from fedsb.methods import get_method
 from fedsb.protocol import UpdateMeta, decode_broadcast, encode_client_update
 from fedsb.training import Encoded, evaluate, train_local
-from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedsb.aggregator.server import FederatedServer
-from fedsb.edge_client.client import FederatedClient, lora_config_of
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsb.aggregator.server import FederatedServer
+from fedsb.edge_client.client import FederatedClient, lora_config_of
 
 from .adapter import adapter_state
 from .config import JobConfig, config_to_dict, load_config

@@ -37,6 +37,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+
 from fedsb.errors import WireFormatError
 
 FORMAT_VERSION = "fedsb-wire/1"

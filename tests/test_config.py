@@ -13,14 +13,26 @@ from fedsb.errors import ConfigError
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.toml"))
 
 BAD_CONFIGS = [
-    ({"federation": {"rounds": 0}}, r"^federation\.rounds: .*greater than or equal to 1 \(got 0\)$"),
+    (
+        {"federation": {"rounds": 0}},
+        r"^federation\.rounds: .*greater than or equal to 1 \(got 0\)$",
+    ),
     ({"federation": {"rounds": "ten"}}, r"^federation\.rounds: .*integer"),
     ({"federation": {"method": "fedavg"}}, r"^federation\.method: .*'fedsb'"),
     ({"federation": {"padding": "mirror"}}, r"^federation\.padding: "),
     ({"federation": {"lr": -1.0}}, r"^federation\.lr: .*greater than 0"),
-    ({"federation": {"clients": 2, "clients_per_round": 3}}, r"^federation: clients_per_round \(3\) exceeds"),
-    ({"federation": {"clients": 2, "client_ranks": [4]}}, r"^federation: client_ranks has 1 entries"),
-    ({"federation": {"clients": 2, "client_ranks": [4, 32]}}, r"^config: federation\.client_ranks may not exceed"),
+    (
+        {"federation": {"clients": 2, "clients_per_round": 3}},
+        r"^federation: clients_per_round \(3\) exceeds",
+    ),
+    (
+        {"federation": {"clients": 2, "client_ranks": [4]}},
+        r"^federation: client_ranks has 1 entries",
+    ),
+    (
+        {"federation": {"clients": 2, "client_ranks": [4, 32]}},
+        r"^config: federation\.client_ranks may not exceed",
+    ),
     ({"federation": {"rouds": 3}}, r"^federation\.rouds: unknown key$"),
     ({"adapter": {"rank": 0}}, r"^adapter\.rank: .*greater than or equal to 1"),
     ({"adapter": {"init": "gauss"}}, r"^adapter\.init: "),

@@ -38,7 +38,9 @@ def test_run_folder_has_config_metrics_plot_and_adapter(tiny_config, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["federation"]["rounds"] == 2
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size > 0
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["num_labels"] == 21
+    assert (
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["num_labels"] == 21
+    )
 
 
 def test_fedsb_upload_is_r_squared_per_layer_plus_head(tiny_config, tmp_path):

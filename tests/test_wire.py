@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+
 from fedsb import wire
 from fedsb.errors import WireFormatError
 from fedsb.wire import (

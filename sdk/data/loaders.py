@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from fedsb.data.dataset import DatasetSplit, TextDataset
 from fedsb.data.files import UNKNOWN_GROUP, load_file
 from fedsb.data.split import stratified_split, stratified_subsample

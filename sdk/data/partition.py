@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+
 from fedsb.data.dataset import TextDataset
 from fedsb.errors import DataError
 

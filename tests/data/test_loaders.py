@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from fedsb.data import DATASETS, DatasetSplit, TextDataset, load_dataset
 from fedsb.data import loaders as loaders_module
 from fedsb.errors import DataError

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import pytest
+
 from fedsb.data import SCHEMES, TextDataset, load_dataset, partition
 from fedsb.errors import DataError
 
