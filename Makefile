@@ -33,6 +33,7 @@ demo: install
 lint: install-dev
 	$(VENV)/bin/ruff check sdk edge_client aggregator export tests
 	$(VENV)/bin/ruff format --check sdk edge_client aggregator export tests
+	$(VENV)/bin/mypy sdk edge_client aggregator export
 
 test: install-dev lint
 	$(VENV)/bin/pytest

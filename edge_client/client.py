@@ -7,6 +7,7 @@ carries them. One client owns one model (as one device would).
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,7 @@ from fedsb.adapter import (
     LoraSBConfig,
     apply_lora_sb,
     load_adapter_state,
+    load_trainable_state,
     set_active_rank,
     trainable_state,
 )
@@ -101,8 +103,6 @@ class FederatedClient:
 
     def restore(self, state: Mapping[str, torch.Tensor]) -> None:
         """Return to the round's global state (the next broadcast starts from it)."""
-        from fedsb.adapter import load_trainable_state
-
         load_trainable_state(self.model, state)
 
     def evaluate(self, data: Encoded | None = None) -> dict[str, float]:
@@ -112,6 +112,4 @@ class FederatedClient:
 
 def round_seed(seed: int, client_id: str, round_no: int) -> int:
     """A per-client, per-round seed that does not depend on Python's hash randomisation."""
-    import zlib
-
     return (seed * 1_000_003 + zlib.crc32(client_id.encode()) * 7919 + round_no) % (2**63)

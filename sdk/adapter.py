@@ -93,8 +93,7 @@ class LoraSBLayer(nn.Module):
         self.lora_A = nn.Linear(d_in, rank, bias=False)
         self.lora_R = nn.Linear(rank, rank, bias=False)
         self.lora_B = nn.Linear(rank, d_out, bias=False)
-        factory = {"device": base_weight(base).device, "dtype": base_weight(base).dtype}
-        self.to(**factory)
+        self.to(device=base_weight(base).device, dtype=base_weight(base).dtype)
         with torch.no_grad():
             self.lora_A.weight.zero_()
             self.lora_R.weight.zero_()
@@ -257,17 +256,25 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
     Every key must name a trainable tensor of the same shape; keys may be a subset.
     """
-    params = dict(_trainable_parameters(model))
+    copy_checked(dict(_trainable_parameters(model)), state, "trainable tensors")
+
+
+def copy_checked(
+    params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Copy every tensor of `state` into the same-named parameter; unknown names or shapes fail."""
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise ModelError(
-            f"unknown trainable tensors {unknown[:5]} (model has e.g. {list(params)[:3]})"
+            f"unknown {what} {unknown[:5]} (the model has e.g. {list(params)[:3]}); "
+            "were model and config the same on both sides?"
         )
     with torch.no_grad():
         for key, value in state.items():
             if params[key].shape != value.shape:
                 raise ModelError(
-                    f"shape of {key!r} is {tuple(value.shape)}, model expects {tuple(params[key].shape)}"
+                    f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(params[key].shape)}"
                 )
             params[key].copy_(value)
 
@@ -304,16 +311,4 @@ def adapter_state(model: nn.Module, modules_to_save: Sequence[str] = ()) -> dict
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load an `adapter_state` into a model prepared by `apply_lora_sb` with the same config."""
-    params = {state_key(n): p for n, p in model.named_parameters()}
-    missing = [k for k in state if k not in params]
-    if missing:
-        raise ModelError(
-            f"adapter has tensors the model lacks: {missing[:5]}; same model and config?"
-        )
-    with torch.no_grad():
-        for key, value in state.items():
-            if params[key].shape != value.shape:
-                raise ModelError(
-                    f"adapter tensor {key!r} is {tuple(value.shape)}, model has {tuple(params[key].shape)}"
-                )
-            params[key].copy_(value)
+    copy_checked({state_key(n): p for n, p in model.named_parameters()}, state, "adapter tensors")

@@ -84,10 +84,10 @@ class JobConfig(Section):
 
     name: str = Field("fedsb-job", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     seed: int = Field(0, ge=0)
-    model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
-    federation: FederationSection = Field(default_factory=FederationSection)
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    adapter: AdapterSection = AdapterSection()
+    federation: FederationSection = FederationSection()
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> JobConfig:

@@ -132,8 +132,12 @@ def accumulate_base_gradients(
             raise ConfigError("the initialisation batches are empty: no gradient to estimate")
         grads = {}
         for name, w in weights.items():
+            if w.grad is None:
+                raise ModelError(
+                    f"layer {name!r} received no gradient: is it used by the model's loss?"
+                )
             layer = model.get_submodule(name)
-            g = w.grad.T if not isinstance(layer.base, nn.Linear) else w.grad
+            g = w.grad if isinstance(layer.base, nn.Linear) else w.grad.T
             grads[name] = (g / seen).detach().clone()
             w.grad = None
     model.train(was_training)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..adapter import lora_layers, mark_trainable, trainable_state
+from ..adapter import load_trainable_state, lora_layers, mark_trainable, trainable_state
 
 State = dict[str, torch.Tensor]
 
@@ -67,8 +67,6 @@ def state_delta(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.Ten
 
 def load_matching(model: nn.Module, broadcast: Mapping[str, torch.Tensor]) -> None:
     """Copy the broadcast tensors that name trainable tensors of the model; ignore the rest."""
-    from ..adapter import load_trainable_state
-
     trainable = trainable_state(model)
     load_trainable_state(model, {k: v for k, v in broadcast.items() if k in trainable})
 
