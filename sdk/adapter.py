@@ -70,7 +70,10 @@ class LoraSBConfig:
             raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.init_samples < 1:
             raise ConfigError(f"init_samples must be at least 1, got {self.init_samples!r}")
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        saved = self.modules_to_save
+        object.__setattr__(
+            self, "modules_to_save", (saved,) if isinstance(saved, str) else tuple(saved)
+        )
 
     @property
     def scaling(self) -> float:
@@ -189,22 +192,27 @@ def apply_lora_sb(model: nn.Module, config: LoraSBConfig) -> nn.Module:
             f"no module matched target_modules={targets!r}; linear layers of this model "
             f"include: {', '.join(linear[:8]) or 'none'}"
         )
+    for name in names:  # check every target before changing anything
+        check_target(name, model.get_submodule(name), config.rank)
     for name in names:
-        base = model.get_submodule(name)
-        if isinstance(base, LoraSBLayer):
-            raise ModelError(f"module {name!r} already has a LoRA-SB adapter")
-        d_in, d_out = layer_dims(base)
-        if config.rank > min(d_in, d_out):
-            raise ModelError(
-                f"rank {config.rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
-                f"of module {name!r}; choose rank <= {min(d_in, d_out)}"
-            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraSBLayer(base, config.rank, config.scaling))
+        setattr(parent, child, LoraSBLayer(model.get_submodule(name), config.rank, config.scaling))
     mark_trainable(model, config.modules_to_save)
     model.fedsb_config = config  # type: ignore[assignment]
     return model
+
+
+def check_target(name: str, base: nn.Module, rank: int) -> None:
+    """A target must be a supported, not yet adapted layer with rank <= min(d_in, d_out)."""
+    if isinstance(base, LoraSBLayer):
+        raise ModelError(f"module {name!r} already has a LoRA-SB adapter")
+    d_in, d_out = layer_dims(base)
+    if rank > min(d_in, d_out):
+        raise ModelError(
+            f"rank {rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
+            f"of module {name!r}; choose rank <= {min(d_in, d_out)}"
+        )
 
 
 def mark_trainable(model: nn.Module, modules_to_save: Sequence[str], *, lora: str = "R") -> None:

@@ -15,6 +15,7 @@ clients that sent them. Pure functions: inputs are never mutated, no I/O.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -44,8 +45,8 @@ def aggregate(
     weights = [1.0] * len(updates) if weights is None else [float(w) for w in weights]
     if len(weights) != len(updates) or (ranks is not None and len(ranks) != len(updates)):
         raise ConfigError("updates, weights and ranks must have the same length")
-    if any(w < 0 for w in weights):
-        raise ConfigError("aggregation weights must be non-negative")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError(f"aggregation weights must be finite and non-negative, got {weights}")
     for i, update in enumerate(updates):
         check_update_shapes(global_state, update, None if ranks is None else ranks[i])
     ordered = sorted(zip(updates, weights, strict=True), key=lambda uw: update_digest(*uw))
@@ -126,6 +127,7 @@ def check_update_shapes(global_state: State, update: State, rank: int | None) ->
         block = (
             key.endswith(".R")
             and delta.dim() == 2 == full.dim()
+            and delta.shape[0] == delta.shape[1]
             and all(d <= f for d, f in zip(delta.shape, full.shape, strict=True))
         )
         if not (same or block):

@@ -90,6 +90,32 @@ def set_random_orthonormal(layer: LoraSBLayer, generator: torch.Generator) -> No
         layer.lora_R.weight.zero_()
 
 
+def backward_examples(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
+) -> int:
+    """Backpropagate the summed loss of the first `max_examples` examples; return how many."""
+    seen = 0
+    for batch in batches:
+        take = min(int(batch["labels"].shape[0]), max_examples - seen)
+        if take <= 0:
+            break
+        loss = model(**{k: v[:take] for k, v in batch.items()}).loss * take  # sum over examples
+        loss.backward()
+        seen += take
+    if seen == 0:
+        raise ConfigError("the initialisation batches are empty: no gradient to estimate")
+    return seen
+
+
+def oriented_gradient(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The accumulated gradient of a base weight as (d_out, d_in) (Conv1D stores it transposed)."""
+    if weight.grad is None:
+        raise ModelError(f"layer {name!r} received no gradient: is it used by the model's loss?")
+    layer = model.get_submodule(name)
+    grad = weight.grad if isinstance(layer.base, nn.Linear) else weight.grad.T
+    return grad.detach().clone()
+
+
 @contextlib.contextmanager
 def base_weights_require_grad(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Temporarily make only the base weights W0 of the adapters trainable; restore on exit."""
@@ -118,28 +144,11 @@ def accumulate_base_gradients(
     """
     was_training = model.training
     model.eval()  # no dropout: the estimate must be deterministic
-    seen = 0
-    with base_weights_require_grad(model) as weights:
-        for batch in batches:
-            take = min(int(batch["labels"].shape[0]), max_examples - seen)
-            if take <= 0:
-                break
-            sliced = {k: v[:take] for k, v in batch.items()}
-            loss = model(**sliced).loss * take  # sum over examples
-            loss.backward()
-            seen += take
-        if seen == 0:
-            raise ConfigError("the initialisation batches are empty: no gradient to estimate")
-        grads = {}
-        for name, w in weights.items():
-            if w.grad is None:
-                raise ModelError(
-                    f"layer {name!r} received no gradient: is it used by the model's loss?"
-                )
-            layer = model.get_submodule(name)
-            g = w.grad if isinstance(layer.base, nn.Linear) else w.grad.T
-            grads[name] = (g / seen).detach().clone()
-            w.grad = None
-    model.train(was_training)
+    try:
+        with torch.enable_grad(), base_weights_require_grad(model) as weights:
+            seen = backward_examples(model, batches, max_examples)
+            grads = {name: oriented_gradient(model, name, w) / seen for name, w in weights.items()}
+    finally:
+        model.train(was_training)
     log.info("LoRA-SB init: gradients from %d examples over %d layers", seen, len(grads))
     return grads

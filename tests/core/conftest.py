@@ -49,6 +49,8 @@ def tiny_gpt2() -> nn.Module:
         n_positions=64,
         num_labels=NUM_LABELS,
         pad_token_id=0,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
     )
     return GPT2ForSequenceClassification(config)
 

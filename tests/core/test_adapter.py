@@ -6,6 +6,9 @@ import re
 
 import pytest
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 from fedsb.adapter import (
     TARGET_PRESETS,
     LoraSBConfig,
@@ -18,8 +21,6 @@ from fedsb.adapter import (
 )
 from fedsb.errors import ConfigError, ModelError
 from fedsb.init import init_lora_sb
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .conftest import MODEL_CASES, ModelCase, clone_model, make_batches, make_model
 
@@ -28,18 +29,14 @@ RANK = 4
 
 def adapted(case: ModelCase, rank: int = RANK, init: str = "random", seed: int = 0) -> nn.Module:
     model = make_model(case, seed=seed)
-    apply_lora_sb(
-        model, LoraSBConfig(rank=rank, init=init, modules_to_save=[case.head], seed=seed)
-    )
+    apply_lora_sb(model, LoraSBConfig(rank=rank, init=init, modules_to_save=[case.head], seed=seed))
     return model
 
 
 def test_injection_replaces_every_target(case: ModelCase) -> None:
     base = make_model(case)
     preset = TARGET_PRESETS[case.family]
-    expected = {
-        name: type(m) for name, m in base.named_modules() if name and matches(name, preset)
-    }
+    expected = {name: type(m) for name, m in base.named_modules() if name and matches(name, preset)}
     model = adapted(case)
     layers = lora_layers(model)
     assert sorted(layers) == sorted(expected)
@@ -143,6 +140,15 @@ def test_rank_equal_to_smallest_dimension_is_accepted() -> None:
     apply_lora_sb(make_model(case), LoraSBConfig(rank=16))
     with pytest.raises(ModelError, match=r"rank 17 is larger than min\(d_in, d_out\) = 16"):
         apply_lora_sb(make_model(case), LoraSBConfig(rank=17))
+
+
+def test_failed_apply_leaves_model_unchanged() -> None:
+    # Llama with GQA: q_proj is 32→32 but k_proj is 32→16, so rank 17 fails on the 2nd layer.
+    model = make_model(MODEL_CASES[2])
+    with pytest.raises(ModelError, match="rank 17 is larger"):
+        apply_lora_sb(model, LoraSBConfig(rank=17))
+    assert list(lora_layers(model)) == []  # got ['model.layers.0.self_attn.q_proj']
+    apply_lora_sb(model, LoraSBConfig(rank=16))  # a retry with a valid rank must work
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "embedding"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 from fedsb.adapter import LoraSBConfig, apply_lora_sb, dense_weight, lora_layers
 from fedsb.errors import ConfigError, ModelError
 from fedsb.init import init_lora_sb
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .conftest import MODEL_CASES, ModelCase, make_batches, make_model
 
@@ -189,11 +190,6 @@ def test_init_errors() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sdk/init.py accumulate_base_gradients does not enable grad; "
-    "init_lora_sb(init='lora-sb') under torch.no_grad() raises RuntimeError",
-)
 def test_lora_sb_init_under_no_grad() -> None:
     case = MODEL_CASES[0]
     model = apply_lora_sb(make_model(case), LoraSBConfig(rank=2))
