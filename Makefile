@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test install install-dev lint experiments clean
 
 $(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,9 @@ lint: install-dev
 
 test: install-dev lint
 	$(VENV)/bin/pytest
+
+experiments: install
+	$(PY) experiments/hetero_ranks.py
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache

@@ -18,6 +18,7 @@ from fedsb.adapter import (
     apply_lora_sb,
     load_adapter_state,
     load_trainable_state,
+    restrict_training_to_block,
     set_active_rank,
     trainable_state,
 )
@@ -66,7 +67,10 @@ class FederatedClient:
         state, _ = decode_broadcast(payload, job=self.job.name, kind="adapter")
         load_adapter_state(self.model, state)
         self.method.mark_trainable(self.model, self.job.adapter.modules_to_save)
-        set_active_rank(self.model, self.rank)
+        if self.job.federation.rank_mode == "truncate":
+            set_active_rank(self.model, self.rank)  # rank-k compute: the client sees the block only
+        elif self.rank < self.job.adapter.rank:
+            restrict_training_to_block(self.model, self.rank)  # full global R, block trains
 
     def receive_global(self, payload: bytes) -> int:
         """Apply a round's global state; idempotent for a round already applied."""

@@ -295,6 +295,14 @@ def set_active_rank(model: nn.Module, rank: int) -> None:
         layer.active_rank = rank
 
 
+def restrict_training_to_block(model: nn.Module, rank: int) -> None:
+    """`fold` mode: the forward pass keeps the full R, but only R[:rank, :rank] receives gradients."""
+    for layer in lora_layers(model).values():
+        mask = torch.zeros_like(layer.lora_R.weight)
+        mask[:rank, :rank] = 1
+        layer.lora_R.weight.register_hook(lambda grad, mask=mask: grad * mask)
+
+
 def count_trainable(model: nn.Module) -> int:
     """Number of trainable scalars (n_layers·r² + modules_to_save for Fed-SB)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

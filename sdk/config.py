@@ -62,6 +62,10 @@ class FederationSection(Section):
     weighting: Literal["examples", "uniform"] = "examples"
     padding: Literal["replication", "zero", "hetlora"] = "replication"
     client_ranks: list[int] | None = Field(None, description="rank of each client (heterogeneous)")
+    rank_mode: Literal["truncate", "fold"] = Field(
+        "truncate",
+        description="truncate: a rank-k client computes with the k×k block; fold: full R, block trains",
+    )
 
     @model_validator(mode="after")
     def _check_counts(self) -> FederationSection:

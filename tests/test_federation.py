@@ -77,3 +77,32 @@ def test_heterogeneous_ranks_upload_their_block(tiny_config, tmp_path):
     summary = run_simulation(tiny_config(client_ranks=[1, 2, 4, 4]), tmp_path, quiet=True)
     r = [v for k, v in summary["final_state"].items() if k.endswith(".R")][0]
     assert r.shape == (4, 4)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "fold"])
+def test_low_rank_client_trains_and_uploads_only_its_block(tiny_config, mode, monkeypatch):
+    from fedsb.adapter import lora_layers
+    from fedsb.aggregator.server import FederatedServer
+    from fedsb.edge_client.client import FederatedClient, lora_config_of
+    from fedsb.simulation import initial_server_model, prepare_fleet
+    from fedsb.wire import decode_update
+
+    job = tiny_config(client_ranks=[2, 4, 4, 4], rank_mode=mode)
+    fleet = prepare_fleet(job)
+    model, method = initial_server_model(job, fleet, lora_config_of(job))
+    server = FederatedServer(job, model, method)
+    client = FederatedClient("c", fleet.base_model, fleet.train, job, rank=2)
+    client.receive_adapter(server.adapter_payload())
+    client.receive_global(server.global_payload())
+    before = {n: la.lora_R.weight.detach().clone() for n, la in lora_layers(client.model).items()}
+    monkeypatch.setattr(client, "restore", lambda state: None)  # keep the trained R to inspect it
+    state, meta = decode_update(client.train_round())
+    assert meta["rank"] == "2"
+    assert all(v.shape == (2, 2) for k, v in state.items() if k.endswith(".R"))
+    for name, layer in lora_layers(client.model).items():
+        after = layer.lora_R.weight.detach()
+        outside = torch.ones(4, 4, dtype=torch.bool)
+        outside[:2, :2] = False
+        assert torch.equal(after[outside], before[name][outside])
+        assert torch.equal(after[:2, :2] - before[name][:2, :2], state[name + ".R"])
+    assert any(state[k].abs().max() > 0 for k in state if k.endswith(".R"))
