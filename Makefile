@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev lint experiments clean
+.PHONY: demo test install install-dev system-deps lint experiments clean
 
 $(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# mosquitto for the broker tests (Debian package; needs root, as on CI)
+system-deps:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients)
+
 demo: install
 	$(VENV)/bin/fedsb simulate --config examples/demo.toml --out runs/demo
 
@@ -35,7 +40,7 @@ lint: install-dev
 	$(VENV)/bin/ruff format --check sdk edge_client aggregator export tests
 	$(VENV)/bin/mypy sdk edge_client aggregator export
 
-test: install-dev lint
+test: install-dev system-deps lint
 	$(VENV)/bin/pytest
 
 experiments: install

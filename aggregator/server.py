@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedsb.adapter import adapter_state, trainable_state
+from fedsb.aggregate import RoundSum
 from fedsb.config import JobConfig
 from fedsb.errors import FedsbError, UpdateRejected
 from fedsb.methods import Method
@@ -36,20 +37,53 @@ class RoundResult:
 class FederatedServer:
     """Holds the global state of a job; one round open at a time."""
 
-    def __init__(self, job: JobConfig, model: nn.Module, method: Method) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        method: Method,
+        adapter: dict[str, torch.Tensor],
+        broadcast: dict[str, torch.Tensor],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
         self.job = job
         self.method = method
         self.round = 0
-        self.adapter = adapter_state(model, job.adapter.modules_to_save)
-        self.broadcast = method.initial_broadcast(model)
-        self.rules = UpdateRules(
-            job=job.name,
-            round=0,
-            shapes={k: tuple(v.shape) for k, v in trainable_state(model).items()},
-            max_rank=job.adapter.rank,
-        )
-        self.pending: dict[str, tuple[dict[str, torch.Tensor], UpdateMeta, int]] = {}
+        self.adapter = adapter
+        self.broadcast = broadcast
+        self.rules = UpdateRules(job=job.name, round=0, shapes=shapes, max_rank=job.adapter.rank)
+        self.pending: dict[str, tuple[UpdateMeta, int]] = {}  # accepted this round: meta, bytes
+        self.uploads: dict[str, dict[str, torch.Tensor]] = {}  # kept only by non-streaming methods
         self.rejections: Counter[str] = Counter()
+        self.round_sum = self.new_round_sum()
+
+    @classmethod
+    def from_model(cls, job: JobConfig, model: nn.Module, method: Method) -> FederatedServer:
+        """A server for an adapted, initialised model (its adapter, trainable shapes, round 0)."""
+        return cls(
+            job,
+            method,
+            adapter_state(model, job.adapter.modules_to_save),
+            method.initial_broadcast(model),
+            {k: tuple(v.shape) for k, v in trainable_state(model).items()},
+        )
+
+    def new_round_sum(self) -> RoundSum | None:
+        """Exact running sums for Fed-SB (memory independent of the number of clients)."""
+        if self.method.name != "fedsb":
+            return None
+        return RoundSum(self.broadcast, self.job.federation.padding)
+
+    def weight(self, meta: UpdateMeta) -> float:
+        return float(meta.examples) if self.job.federation.weighting == "examples" else 1.0
+
+    def restore(self, round_no: int, broadcast: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint: the global state that opens `round_no`."""
+        self.round = round_no
+        self.broadcast = broadcast
+        self.pending.clear()
+        self.uploads.clear()
+        self.round_sum = self.new_round_sum()
+        self.rules = UpdateRules(self.job.name, round_no, self.rules.shapes, self.rules.max_rank)
 
     def adapter_payload(self) -> bytes:
         """The one-time adapter message (frozen factors, starting trainable tensors)."""
@@ -71,7 +105,16 @@ class FederatedServer:
             self.rejections[err.reason] += 1
             log.warning("rejected update from %s: %s", client_id, err)
             return err.reason
-        self.pending[client_id] = (state, meta, len(payload))
+        if self.round_sum is not None:
+            try:
+                self.round_sum.add(state, self.weight(meta), meta.rank)
+            except (FedsbError, ValueError) as err:  # validated already: a bug, not a crash
+                self.rejections["invalid"] += 1
+                log.error("update from %s could not be added: %s", client_id, err)
+                return "invalid"
+        else:
+            self.uploads[client_id] = state
+        self.pending[client_id] = (meta, len(payload))
         return None
 
     def close_round(self) -> RoundResult:
@@ -79,22 +122,24 @@ class FederatedServer:
         if not self.pending:
             raise FedsbError(f"round {self.round} has no accepted update to aggregate")
         ids = sorted(self.pending)
-        updates = [self.pending[i][0] for i in ids]
-        metas = [self.pending[i][1] for i in ids]
-        weights = [
-            float(m.examples) if self.job.federation.weighting == "examples" else 1.0 for m in metas
-        ]
-        self.broadcast = self.method.server_aggregate(
-            self.broadcast, updates, weights, [m.rank for m in metas], self.job.federation.padding
-        )
+        metas = [self.pending[i][0] for i in ids]
+        weights = [self.weight(m) for m in metas]
+        if self.round_sum is not None:
+            self.broadcast = self.round_sum.result()
+        else:
+            self.broadcast = self.method.server_aggregate(
+                self.broadcast,
+                [self.uploads[i] for i in ids],
+                weights,
+                [m.rank for m in metas],
+                self.job.federation.padding,
+            )
         result = RoundResult(
             round=self.round,
             clients=ids,
             examples=sum(m.examples for m in metas),
             mean_loss=sum(m.loss * w for m, w in zip(metas, weights, strict=True)) / sum(weights),
-            upload_bytes={i: self.pending[i][2] for i in ids},
+            upload_bytes={i: self.pending[i][1] for i in ids},
         )
-        self.pending.clear()
-        self.round += 1
-        self.rules = UpdateRules(self.job.name, self.round, self.rules.shapes, self.rules.max_rank)
+        self.restore(self.round + 1, self.broadcast)
         return result

@@ -86,9 +86,6 @@ class FederatedClient:
             raise FedsbError(f"client {self.client_id} has no global state yet")
         fed = self.job.federation
         start = trainable_state(self.model)
-        generator = torch.Generator().manual_seed(
-            round_seed(self.job.seed, self.client_id, self.round)
-        )
         stats = train_local(
             self.model,
             self.data,
@@ -96,7 +93,7 @@ class FederatedClient:
             batch_size=fed.batch_size,
             lr=fed.lr,
             head_lr=fed.head_lr,
-            generator=generator,
+            seed=round_seed(self.job.seed, self.client_id, self.round),
         )
         upload = self.method.client_upload(self.model, start, self.rank)
         self.restore(start)

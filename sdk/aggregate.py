@@ -14,12 +14,12 @@ clients that sent them. Pure functions: inputs are never mutated, no I/O.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from .accumulate import ExactSum, exact_weighted_mean
 from .errors import ConfigError
 
 PADDINGS = ("replication", "zero", "hetlora")
@@ -36,85 +36,90 @@ def aggregate(
 ) -> dict[str, torch.Tensor]:
     """New global state from client deltas; bit-identical whatever the order of `updates`.
 
-    Updates are put in a canonical order (by content digest) and summed in float64, so the
-    result does not depend on arrival order. `ranks[i]`, when given, is checked against the
-    block size of every R-like tensor of update i.
+    The weighted sums are exact (`RoundSum`), so the result does not depend on arrival order.
+    `ranks[i]`, when given, is checked against the block size of every R of update i.
     """
-    if padding not in PADDINGS:
-        raise ConfigError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
     weights = [1.0] * len(updates) if weights is None else [float(w) for w in weights]
     if len(weights) != len(updates) or (ranks is not None and len(ranks) != len(updates)):
         raise ConfigError("updates, weights and ranks must have the same length")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ConfigError(f"aggregation weights must be finite and non-negative, got {weights}")
-    for i, update in enumerate(updates):
-        check_update_shapes(global_state, update, None if ranks is None else ranks[i])
-    ordered = sorted(zip(updates, weights, strict=True), key=lambda uw: update_digest(*uw))
-    return {
-        key: aggregate_tensor(key, value, [(u[key], w) for u, w in ordered if key in u], padding)
-        for key, value in global_state.items()
-    }
+    round_sum = RoundSum(global_state, padding)
+    for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+        round_sum.add(update, weight, None if ranks is None else ranks[i])
+    return round_sum.result()
 
 
-def aggregate_tensor(
-    key: str, global_value: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, float]], padding: str
-) -> torch.Tensor:
-    """Aggregate the deltas of one tensor (already in canonical order) into its new value.
+class RoundSum:
+    """Exact running sums of one round's weighted deltas: O(size of the global state) memory.
 
-    Only R matrices (keys ending in `.R`) follow the padding rule; other tensors are FedAvg.
+    Order-independent and mergeable (`merge`), so workers behind a shared subscription can
+    each sum part of the round and a coordinator adds their sums, bit for bit.
     """
-    if not deltas:
-        return global_value.clone()
-    if not key.endswith(".R"):
-        return global_value + weighted_mean(deltas).to(global_value.dtype)
-    if padding == "replication":
-        step = aggregate_replication(global_value.shape, deltas)
-    elif padding == "zero":
-        step = aggregate_zero(global_value.shape, deltas)
-    else:
-        step = aggregate_hetlora(global_value.shape, deltas)
-    return global_value + step.to(global_value.dtype)
+
+    def __init__(self, global_state: State, padding: str = "replication") -> None:
+        if padding not in PADDINGS:
+            raise ConfigError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.global_state = dict(global_state)
+        self.padding = padding
+        self.num = {k: ExactSum(tuple(v.shape)) for k, v in global_state.items()}
+        self.den = {k: ExactSum(self.weight_shape(k, v)) for k, v in global_state.items()}
+
+    def weight_shape(self, key: str, value: torch.Tensor) -> tuple[int, ...]:
+        """Replication keeps one weight sum per entry of R; everything else one per tensor."""
+        return tuple(value.shape) if key.endswith(".R") and self.padding == "replication" else ()
+
+    def add(self, update: State, weight: float, rank: int | None = None) -> None:
+        """Add one client's deltas with its weight (HetLoRA: the norm of each R delta)."""
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"aggregation weights must be finite and non-negative, got {weight}")
+        check_update_shapes(self.global_state, update, rank)
+        for key, delta in update.items():
+            w = weight
+            if key.endswith(".R") and self.padding == "hetlora":
+                w = float(delta.to(torch.float64).norm())
+            self.num[key].add_block(delta, w)
+            if self.den[key].shape:
+                self.den[key].add_block(torch.ones(delta.shape, dtype=torch.float64), w)
+            else:
+                self.den[key].add(torch.tensor(1.0, dtype=torch.float64), w)
+
+    def merge(self, other: RoundSum) -> None:
+        """Add another worker's sums of the same round."""
+        for key in self.num:
+            self.num[key].merge(other.num[key])
+            self.den[key].merge(other.den[key])
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """global + Σ w Δ / Σ w per entry; entries nobody trained keep their global value."""
+        new = {}
+        for key, value in self.global_state.items():
+            if self.den[key].count == 0:
+                new[key] = value.clone()
+                continue
+            num, den = self.num[key].result(), self.den[key].result()
+            step = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+            new[key] = value + step.to(value.dtype)
+        return new
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums as tensors (checkpoints)."""
+        out: dict[str, torch.Tensor] = {}
+        for kind, sums in (("num", self.num), ("den", self.den)):
+            for key, acc in sums.items():
+                out |= {f"{kind}/{key}/{name}": t for name, t in acc.state_dict().items()}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for kind, sums in (("num", self.num), ("den", self.den)):
+            for key in sums:
+                prefix = f"{kind}/{key}/"
+                sums[key] = ExactSum.from_state_dict(
+                    {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
+                )
 
 
 def weighted_mean(deltas: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """Σ w_k Δ_k / Σ w_k in float64 (zero when all weights are zero)."""
-    total = sum(w for _, w in deltas)
-    acc = torch.zeros_like(deltas[0][0], dtype=torch.float64)
-    for delta, w in deltas:
-        acc += w * delta.to(torch.float64)
-    return acc / total if total > 0 else acc
-
-
-def aggregate_replication(
-    shape: torch.Size, deltas: Sequence[tuple[torch.Tensor, float]]
-) -> torch.Tensor:
-    """Each entry averaged over the clients whose block covers it; uncovered entries: 0 step."""
-    num = torch.zeros(shape, dtype=torch.float64)
-    den = torch.zeros(shape, dtype=torch.float64)
-    for delta, w in deltas:
-        rows, cols = delta.shape
-        num[:rows, :cols] += w * delta.to(torch.float64)
-        den[:rows, :cols] += w
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
-
-
-def aggregate_zero(shape: torch.Size, deltas: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """Zero-pad every block to the full shape, then the plain weighted mean."""
-    return weighted_mean([(pad_block(d, shape), w) for d, w in deltas])
-
-
-def aggregate_hetlora(
-    shape: torch.Size, deltas: Sequence[tuple[torch.Tensor, float]]
-) -> torch.Tensor:
-    """Zero padding with each update weighted by its Frobenius norm (HetLoRA)."""
-    return aggregate_zero(shape, [(d, float(d.to(torch.float64).norm())) for d, _ in deltas])
-
-
-def pad_block(block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The block in the top-left corner of a zero tensor of `shape`, in float64."""
-    out = torch.zeros(shape, dtype=torch.float64)
-    out[: block.shape[0], : block.shape[1]] = block.to(torch.float64)
-    return out
+    """Σ w_k Δ_k / Σ w_k, exact sums rounded once (zero when all weights are zero)."""
+    return exact_weighted_mean([d for d, _ in deltas], [w for _, w in deltas])
 
 
 def check_update_shapes(global_state: State, update: State, rank: int | None) -> None:
@@ -139,14 +144,3 @@ def check_update_shapes(global_state: State, update: State, rank: int | None) ->
             raise ConfigError(
                 f"update tensor {key!r} is {tuple(delta.shape)}, expected rank {rank}"
             )
-
-
-def update_digest(update: State, weight: float) -> bytes:
-    """A content digest giving updates a canonical order independent of their arrival."""
-    h = hashlib.sha256(repr(float(weight)).encode())
-    for key in sorted(update):
-        t = update[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()

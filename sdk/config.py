@@ -62,6 +62,10 @@ class FederationSection(Section):
     weighting: Literal["examples", "uniform"] = "examples"
     padding: Literal["replication", "zero", "hetlora"] = "replication"
     client_ranks: list[int] | None = Field(None, description="rank of each client (heterogeneous)")
+    min_clients: int | None = Field(
+        None, ge=1, description="quorum that closes a round (default: every selected client)"
+    )
+    round_timeout_s: float = Field(600.0, gt=0, description="a round closes at this deadline")
     rank_mode: Literal["truncate", "fold"] = Field(
         "truncate",
         description="truncate: a rank-k client computes with the k×k block; fold: full R, block trains",
@@ -83,6 +87,17 @@ class FederationSection(Section):
         return self
 
 
+class SimulationSection(Section):
+    """How `fedsb simulate` plays the fleet (not used by real clients)."""
+
+    transport: Literal["mqtt", "inproc"] = "mqtt"
+    dropout: float = Field(0.0, ge=0, lt=1, description="chance that a client skips a round")
+    slow_fraction: float = Field(0.0, ge=0, le=1, description="share of clients that are slow")
+    slow_delay_s: float = Field(
+        0.0, ge=0, description="extra seconds a slow client takes per round"
+    )
+
+
 class JobConfig(Section):
     """A whole federated job: model, data, adapter, federation."""
 
@@ -92,6 +107,7 @@ class JobConfig(Section):
     data: DataSection = DataSection()
     adapter: AdapterSection = AdapterSection()
     federation: FederationSection = FederationSection()
+    simulation: SimulationSection = SimulationSection()
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> JobConfig:

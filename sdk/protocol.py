@@ -6,9 +6,13 @@ the payload (DESIGN §3), never in transport properties.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -131,3 +135,61 @@ def check_shapes(
             raise UpdateRejected(
                 "bad-shape", f"{key!r} has shape {tuple(value.shape)}, expected {expected}"
             )
+
+
+CHUNK_MAGIC = b"FSB1"
+CHUNK_HEADER = struct.Struct("<4sII32s")  # magic, index, total, sha256 of the chunk data
+MAX_CHUNK_BYTES = 2**20
+
+
+def adapter_chunks(payload: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> list[bytes]:
+    """Split the adapter message into chunks ≤ 1 MiB, each carrying its index and sha256."""
+    pieces = [payload[i : i + chunk_bytes] for i in range(0, len(payload), chunk_bytes)] or [b""]
+    return [
+        CHUNK_HEADER.pack(CHUNK_MAGIC, i, len(pieces), hashlib.sha256(p).digest()) + p
+        for i, p in enumerate(pieces)
+    ]
+
+
+def parse_chunk(message: bytes) -> tuple[int, int, bytes]:
+    """(index, total, data) of a chunk whose sha256 matches; WireFormatError otherwise."""
+    if len(message) < CHUNK_HEADER.size:
+        raise WireFormatError("adapter chunk shorter than its header")
+    magic, index, total, digest = CHUNK_HEADER.unpack_from(message)
+    data = message[CHUNK_HEADER.size :]
+    if magic != CHUNK_MAGIC or not 0 <= index < total:
+        raise WireFormatError(f"not an adapter chunk (magic {magic!r}, index {index}/{total})")
+    if hashlib.sha256(data).digest() != digest:
+        raise WireFormatError(f"adapter chunk {index} fails its sha256 check")
+    return index, total, data
+
+
+def join_chunks(chunks: Mapping[int, bytes], total: int, sha256_hex: str) -> bytes:
+    """The whole adapter message, checked against the manifest's sha256."""
+    payload = b"".join(chunks[i] for i in range(total))
+    if hashlib.sha256(payload).hexdigest() != sha256_hex:
+        raise WireFormatError("the assembled adapter does not match the manifest's sha256")
+    return payload
+
+
+def round_message(
+    round_no: int, *, global_sha256: str = "", deadline_s: float = 0.0, done: bool = False
+) -> bytes:
+    """The retained `…/round` message: which round is open and which global state it uses."""
+    body = {
+        "round": round_no,
+        "global_sha256": global_sha256,
+        "deadline_s": deadline_s,
+        "done": done,
+    }
+    return json.dumps(body).encode()
+
+
+def parse_round(message: bytes) -> dict[str, Any]:
+    """The fields of a round message; WireFormatError if it is not one."""
+    try:
+        body = json.loads(message)
+        int(body["round"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise WireFormatError(f"invalid round message: {err}") from None
+    return dict(body)

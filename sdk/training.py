@@ -100,10 +100,29 @@ def train_local(
     batch_size: int,
     lr: float,
     head_lr: float,
-    generator: torch.Generator,
+    seed: int,
 ) -> TrainStats:
-    """`steps` AdamW steps on batches of `data`; returns the mean loss and examples seen."""
-    optimizer = make_optimizer(model, lr, head_lr)
+    """`steps` AdamW steps on batches of `data`; returns the mean loss and examples seen.
+
+    Batch order and dropout masks come from `seed` alone (the global RNG is forked and
+    restored), so a client's round gives the same result whatever else runs in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train_steps(
+            model, data, steps, batch_size, make_optimizer(model, lr, head_lr), seed
+        )
+
+
+def _train_steps(
+    model: nn.Module,
+    data: Encoded,
+    steps: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> TrainStats:
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     total_loss, seen = 0.0, 0
     for batch in sample_batches(data, batch_size, steps, generator):

@@ -48,6 +48,7 @@ def tiny_job(model_dir: Path, **federation: object) -> dict:
         "data": {"dataset": "chatterbot-topics", "max_train_examples": 120},
         "adapter": {"rank": 4, "init_samples": 16},
         "federation": fed,
+        "simulation": {"transport": "inproc"},
     }
 
 

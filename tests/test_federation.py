@@ -90,7 +90,7 @@ def test_low_rank_client_trains_and_uploads_only_its_block(tiny_config, mode, mo
     job = tiny_config(client_ranks=[2, 4, 4, 4], rank_mode=mode)
     fleet = prepare_fleet(job)
     model, method = initial_server_model(job, fleet, lora_config_of(job))
-    server = FederatedServer(job, model, method)
+    server = FederatedServer.from_model(job, model, method)
     client = FederatedClient("c", fleet.base_model, fleet.train, job, rank=2)
     client.receive_adapter(server.adapter_payload())
     client.receive_global(server.global_payload())

@@ -28,7 +28,7 @@ def fresh(world):
     job, fleet, model, method = world
     import copy
 
-    server = FederatedServer(job, copy.deepcopy(model), method)
+    server = FederatedServer.from_model(job, copy.deepcopy(model), method)
     client = FederatedClient(
         "client-0000", copy.deepcopy(fleet.base_model), fleet.train, job, rank=4
     )

@@ -1,0 +1,214 @@
+"""The aggregator service: runs a job's rounds over MQTT, with checkpoints and resume.
+
+It publishes the manifest, the adapter (chunked) and each round's global state as retained
+messages, takes updates from `…/update/+`, closes a round at quorum or deadline, and
+checkpoints to its state directory after every accepted update (one spooled file) and every
+closed round (the global state), so a killed aggregator resumes where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedsb.config import JobConfig, config_to_dict
+from fedsb.errors import FedsbError
+from fedsb.mqtt import BrokerAddress, MqttConnection, Topics
+from fedsb.protocol import adapter_chunks, round_message
+
+from .server import FederatedServer, RoundResult
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync, then rename: readers see the old or the new file only."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """The state directory: global state per closed round, spooled updates of the open round."""
+
+    directory: Path
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def spool(self, round_no: int) -> Path:
+        return self.directory / "spool" / f"round-{round_no:05d}"
+
+    def save_update(self, round_no: int, client: str, payload: bytes) -> None:
+        folder = self.spool(round_no)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{hashlib.sha256(client.encode()).hexdigest()[:32]}.update", payload)
+        write_atomic(
+            folder / f"{hashlib.sha256(client.encode()).hexdigest()[:32]}.client", client.encode()
+        )
+
+    def spooled(self, round_no: int) -> list[tuple[str, bytes]]:
+        """(client, payload) of every accepted update of the round, in client order."""
+        folder = self.spool(round_no)
+        found = []
+        for path in sorted(folder.glob("*.client")) if folder.exists() else []:
+            update = path.with_suffix(".update")
+            if update.exists():
+                found.append((path.read_text(), update.read_bytes()))
+        return sorted(found)
+
+    def save_round(
+        self, round_no: int, broadcast: dict[str, torch.Tensor], extra: dict[str, Any]
+    ) -> None:
+        """Commit a closed round: the global tensors first, then the JSON that points at them."""
+        name = f"global-{round_no:05d}.safetensors"
+        tmp = self.directory / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in broadcast.items()}, str(tmp))
+        os.replace(tmp, self.directory / name)
+        write_atomic(
+            self.directory / STATE_FILE,
+            json.dumps({"round": round_no, "global": name} | extra).encode(),
+        )
+        for old in sorted(self.directory.glob("global-*.safetensors"))[:-2]:
+            old.unlink()
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The last committed round, or None for a fresh directory."""
+        path = self.directory / STATE_FILE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        return int(state["round"]), load_file(str(self.directory / state["global"])), state
+
+
+class AggregatorService:
+    """One job's aggregator over a broker."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        server: FederatedServer,
+        address: BrokerAddress,
+        state_dir: str | Path,
+        *,
+        on_round_closed: Callable[[RoundResult, bytes], None] | None = None,
+        max_packet: int | None = None,
+    ) -> None:
+        self.job = job
+        self.server = server
+        self.topics = Topics(job.name)
+        self.checkpoint = Checkpoint(Path(state_dir))
+        self.on_round_closed = on_round_closed
+        fed = job.federation
+        self.quorum = fed.min_clients or fed.clients_per_round or fed.clients
+        self.timeout_s = fed.round_timeout_s
+        self.connection = MqttConnection(
+            address,
+            f"fedsb-aggregator-{job.name}",
+            [self.topics.update_all],
+            **({"max_packet": max_packet} if max_packet else {}),
+        )
+        self.deadline = 0.0
+        self.resume()
+
+    def resume(self) -> None:
+        """Load the last closed round and replay the spooled updates of the open one."""
+        saved = self.checkpoint.load()
+        if saved is None:
+            return
+        round_no, broadcast, state = saved
+        self.server.restore(round_no, broadcast)
+        for client, payload in self.checkpoint.spooled(round_no):
+            self.server.submit(client, payload)
+        log.info("resumed at round %d with %d spooled updates", round_no, len(self.server.pending))
+
+    def run(self, *, max_seconds: float = 24 * 3600) -> Path:
+        """Serve the job until its last round closes; return the state directory."""
+        self.connection.start()
+        try:
+            self.publish_job()
+            self.publish_round()
+            stop_at = time.monotonic() + max_seconds
+            while self.server.round < self.job.federation.rounds:
+                if time.monotonic() > stop_at:
+                    raise FedsbError(f"job did not finish within {max_seconds:.0f} s")
+                self.step()
+            self.connection.publish(
+                self.topics.round, round_message(self.server.round, done=True), retain=True
+            )
+        finally:
+            self.connection.stop()
+        return self.checkpoint.directory
+
+    def step(self) -> None:
+        """Handle at most one message, then close the round if quorum or deadline is reached."""
+        msg = self.connection.get(timeout_s=0.2)
+        if msg is not None and msg.topic.startswith(self.topics.base + "/update/"):
+            client = self.topics.client_of(msg.topic)
+            round_no = self.server.round
+            if self.server.submit(client, msg.payload) is None:
+                self.checkpoint.save_update(round_no, client, msg.payload)
+        quorum = len(self.server.pending) >= self.quorum
+        late = time.monotonic() > self.deadline
+        if quorum or (late and self.server.pending):
+            self.close_round()
+        elif late:
+            log.warning(
+                "round %d: deadline passed with no update; waiting longer", self.server.round
+            )
+            self.deadline = time.monotonic() + self.timeout_s
+
+    def close_round(self) -> None:
+        result = self.server.close_round()
+        self.checkpoint.save_round(
+            self.server.round, self.server.broadcast, {"rejections": dict(self.server.rejections)}
+        )
+        payload = self.server.global_payload()
+        if self.on_round_closed:
+            self.on_round_closed(result, payload)
+        if self.server.round < self.job.federation.rounds:
+            self.publish_round(payload)
+
+    def publish_job(self) -> None:
+        """Manifest and adapter chunks, retained: late and restarted clients find them."""
+        adapter = self.server.adapter_payload()
+        chunks = adapter_chunks(adapter)
+        manifest = {
+            "job": self.job.name,
+            "method": self.job.federation.method,
+            "rounds": self.job.federation.rounds,
+            "adapter_chunks": len(chunks),
+            "adapter_sha256": hashlib.sha256(adapter).hexdigest(),
+            "config": config_to_dict(self.job),
+        }
+        for i, chunk in enumerate(chunks):
+            self.connection.publish(self.topics.adapter(i), chunk, retain=True)
+        self.connection.publish(self.topics.manifest, json.dumps(manifest).encode(), retain=True)
+
+    def publish_round(self, payload: bytes | None = None) -> None:
+        """The global state, then the round message that points at it by sha256."""
+        payload = payload or self.server.global_payload()
+        self.deadline = time.monotonic() + self.timeout_s
+        self.connection.publish(self.topics.global_state, payload, retain=True)
+        message = round_message(
+            self.server.round,
+            global_sha256=hashlib.sha256(payload).hexdigest(),
+            deadline_s=self.timeout_s,
+        )
+        self.connection.publish(self.topics.round, message, retain=True)

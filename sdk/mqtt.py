@@ -1,0 +1,215 @@
+"""The one paho-mqtt connection helper and the topic layout, shared by aggregator and clients.
+
+Wraps (never subclasses) a paho client: subscriptions are made in `on_connect` so they come
+back after every reconnect; paho reconnects with exponential backoff; messages are handed
+to the caller through a thread-safe queue. All metadata travels in payloads (DESIGN §3), so
+MQTT 3.1.1 brokers (the embedded amqtt) and MQTT 5 brokers (mosquitto) both work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+
+from .errors import ConfigError, FedsbError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PACKET = 16 * 2**20  # mosquitto's max_packet_size in fedsb's generated config
+CHUNK_BYTES = 2**20  # adapter chunks are at most 1 MiB (DESIGN §3)
+
+
+class TransportError(FedsbError):
+    """The broker cannot be reached, refused us, or a message cannot be sent."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to connect: parsed from `mqtt[s]://user:pass@host:port`."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str, *, ca_file: str | None = None) -> BrokerAddress:
+    """`mqtt://host:1883`, `mqtts://user:pass@host:8883` → BrokerAddress (clear errors otherwise)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise ConfigError(f"broker URL {url!r} has an invalid port") from None
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=parts.scheme == "mqtts",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ca_file=ca_file,
+    )
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic layout of one job under a prefix (default `fedsb/{job}`)."""
+
+    job: str
+    prefix: str = "fedsb"
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.job}"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.base}/manifest"
+
+    def adapter(self, index: int) -> str:
+        return f"{self.base}/adapter/{index}"
+
+    @property
+    def adapter_all(self) -> str:
+        return f"{self.base}/adapter/+"
+
+    @property
+    def round(self) -> str:
+        return f"{self.base}/round"
+
+    @property
+    def global_state(self) -> str:
+        return f"{self.base}/global"
+
+    def update(self, client: str) -> str:
+        return f"{self.base}/update/{client}"
+
+    @property
+    def update_all(self) -> str:
+        return f"{self.base}/update/+"
+
+    def status(self, client: str) -> str:
+        return f"{self.base}/status/{client}"
+
+    @property
+    def status_all(self) -> str:
+        return f"{self.base}/status/+"
+
+    def client_of(self, topic: str) -> str:
+        """The last topic level (the client id of an update or status topic)."""
+        return topic.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttConnection:
+    """A persistent-session paho client delivering messages to a queue; QoS 1 everywhere."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str,
+        subscriptions: list[str],
+        *,
+        will: tuple[str, bytes] | None = None,
+        max_packet: int = DEFAULT_MAX_PACKET,
+        clean_start: bool = False,
+    ) -> None:
+        self.address = address
+        self.subscriptions = subscriptions
+        self.max_packet = max_packet
+        self.messages: queue.Queue[Message] = queue.Queue()
+        self.connected = threading.Event()
+        self.refused: str | None = None
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_start,
+            protocol=paho.MQTTv311,
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        if address.tls:
+            self.client.tls_set(ca_certs=address.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self, timeout_s: float = 15.0) -> MqttConnection:
+        """Connect and start paho's network thread; wait (bounded) for the first CONNACK."""
+        try:
+            self.client.connect(self.address.host, self.address.port, keepalive=30)
+        except (OSError, ssl.SSLError) as err:
+            raise TransportError(f"cannot reach the broker at {self.address.url}: {err}") from err
+        self.client.loop_start()
+        if not self.connected.wait(timeout_s) or self.refused:
+            self.stop()
+            why = self.refused or f"no answer within {timeout_s:.0f} s"
+            raise TransportError(f"broker {self.address.url} refused the connection: {why}")
+        return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            self.refused = str(reason_code)
+            self.connected.set()
+            client.disconnect()
+            return
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log.warning("disconnected from %s: %s (paho reconnects)", self.address.url, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        self.messages.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0
+    ) -> None:
+        """Publish with QoS 1 after checking the broker's packet limit (paho does not)."""
+        if len(payload) + len(topic) + 16 > self.max_packet:
+            raise TransportError(
+                f"message of {len(payload):,} bytes to {topic} exceeds the broker limit of {self.max_packet:,}"
+            )
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if wait_s is not None:
+            info.wait_for_publish(timeout=wait_s)
+
+    def get(self, timeout_s: float) -> Message | None:
+        """The next message, or None after `timeout_s`."""
+        try:
+            return self.messages.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no will message) and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
