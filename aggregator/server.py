@@ -117,6 +117,19 @@ class FederatedServer:
         self.pending[client_id] = (meta, len(payload))
         return None
 
+    def merge(self, other: FederatedServer) -> None:
+        """Scale-out: add another worker's accepted updates of the same round (exact, any order)."""
+        if other.round != self.round:
+            raise FedsbError(f"cannot merge round {other.round} into round {self.round}")
+        overlap = sorted(set(self.pending) & set(other.pending))
+        if overlap:
+            raise FedsbError(f"clients {overlap[:5]} were accepted by both workers")
+        if self.round_sum is not None and other.round_sum is not None:
+            self.round_sum.merge(other.round_sum)
+        self.uploads |= other.uploads
+        self.pending |= other.pending
+        self.rejections.update(other.rejections)
+
     def close_round(self) -> RoundResult:
         """Aggregate the accepted updates (in client-id order) and open the next round."""
         if not self.pending:

@@ -134,19 +134,27 @@ class MqttConnection:
         will: tuple[str, bytes] | None = None,
         max_packet: int = DEFAULT_MAX_PACKET,
         clean_start: bool = False,
+        mqtt5: bool = False,
     ) -> None:
         self.address = address
+        self.mqtt5 = mqtt5
+        self.clean_start = clean_start
         self.subscriptions = subscriptions
         self.max_packet = max_packet
         self.messages: queue.Queue[Message] = queue.Queue()
         self.connected = threading.Event()
         self.refused: str | None = None
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_start,
-            protocol=paho.MQTTv311,
-        )
+        if mqtt5:  # shared subscriptions, reason codes; the session is set at connect time
+            self.client = paho.Client(
+                paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+            )
+        else:
+            self.client = paho.Client(
+                paho.CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=clean_start,
+                protocol=paho.MQTTv311,
+            )
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -163,7 +171,12 @@ class MqttConnection:
     def start(self, timeout_s: float = 15.0) -> MqttConnection:
         """Connect and start paho's network thread; wait (bounded) for the first CONNACK."""
         try:
-            self.client.connect(self.address.host, self.address.port, keepalive=30)
+            if self.mqtt5:
+                self.client.connect(
+                    self.address.host, self.address.port, keepalive=30, clean_start=self.clean_start
+                )
+            else:
+                self.client.connect(self.address.host, self.address.port, keepalive=30)
         except (OSError, ssl.SSLError) as err:
             raise TransportError(f"cannot reach the broker at {self.address.url}: {err}") from err
         self.client.loop_start()
