@@ -8,8 +8,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: demo test install install-dev system-deps lint experiments clean
+.PHONY: demo test install install-dev system-deps lint bench experiments clean
 
 $(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +43,9 @@ lint: install-dev
 
 test: install-dev system-deps lint
 	$(VENV)/bin/pytest
+
+bench: install system-deps
+	$(PY) benchmarks/mqtt_round.py
 
 experiments: install
 	$(PY) experiments/hetero_ranks.py

@@ -33,7 +33,7 @@ from .report import RunRecorder, save_adapter, summarise
 from .simulation import initial_server_model, prepare_fleet
 
 log = logging.getLogger("fedsb")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
 def dropped_clients(job: JobConfig, client_ids: list[str], round_no: int) -> set[str]:
@@ -372,17 +372,14 @@ def broker_command(args: argparse.Namespace) -> int:
                 "--tls and --auth-file need --mosquitto (the embedded broker is for local use)"
             )
         handle = start_embedded_broker(args.port)
-    with handle:
-        console.print(
-            f"{handle.kind} broker listening at {handle.url}"
-            + (f" (CA: {handle.ca_file})" if handle.ca_file else "")
-            + "; Ctrl-C stops it"
-        )
-        try:
+    try:
+        with handle:
+            url = handle.url + (f" (CA: {handle.ca_file})" if handle.ca_file else "")
+            console.print(f"{handle.kind} broker listening at {url}; Ctrl-C stops it")
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            console.print("stopping the broker")
+    except KeyboardInterrupt:
+        console.print("broker stopped")
     return 0
 
 

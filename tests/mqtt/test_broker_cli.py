@@ -1,0 +1,41 @@
+"""`fedsb broker`: starts a broker, prints its URL, stops on Ctrl-C; bad flag combinations fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from fedsb.cli import main
+
+FEDSB = str(Path(sys.executable).parent / "fedsb")
+
+
+def test_embedded_broker_command_serves_until_interrupted():
+    proc = subprocess.Popen(
+        [FEDSB, "broker"], stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"}
+    )
+    try:
+        line = proc.stderr.readline()  # first line: the URL
+        assert "embedded broker listening at mqtt://127.0.0.1:" in line
+        port = int(line.split("mqtt://127.0.0.1:")[1].split(";")[0].split()[0])
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe")
+        assert client.connect("127.0.0.1", port) == mqtt.MQTT_ERR_SUCCESS
+        client.disconnect()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+
+
+def test_tls_without_mosquitto_is_a_one_line_error(capsys):
+    assert main(["broker", "--tls"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "error: --tls and --auth-file need --mosquitto (the embedded broker is for local use)"
+    )
