@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedsb.config import JobConfig, config_to_dict
 from fedsb.errors import FedsbError
@@ -33,13 +34,18 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, then rename: readers see the old or the new file only."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write a temporary file, then rename it: readers see the old or the new file only.
+
+    `durable` also fsyncs (survives power loss); without it the write survives a killed
+    process, which is what per-update spooling needs at thousands of updates per second.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -56,37 +62,30 @@ class Checkpoint:
         return self.directory / "spool" / f"round-{round_no:05d}"
 
     def save_update(self, round_no: int, client: str, payload: bytes) -> None:
+        """Spool one accepted update (file name: the client id in hex, so any id is safe)."""
         folder = self.spool(round_no)
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{hashlib.sha256(client.encode()).hexdigest()[:32]}.update", payload)
-        write_atomic(
-            folder / f"{hashlib.sha256(client.encode()).hexdigest()[:32]}.client", client.encode()
-        )
+        write_atomic(folder / f"{client.encode().hex()}.update", payload, durable=False)
 
     def spooled(self, round_no: int) -> list[tuple[str, bytes]]:
         """(client, payload) of every accepted update of the round, in client order."""
         folder = self.spool(round_no)
-        found = []
-        for path in sorted(folder.glob("*.client")) if folder.exists() else []:
-            update = path.with_suffix(".update")
-            if update.exists():
-                found.append((path.read_text(), update.read_bytes()))
-        return sorted(found)
+        paths = sorted(folder.glob("*.update")) if folder.exists() else []
+        return sorted((bytes.fromhex(p.stem).decode(), p.read_bytes()) for p in paths)
 
     def save_round(
         self, round_no: int, broadcast: dict[str, torch.Tensor], extra: dict[str, Any]
     ) -> None:
         """Commit a closed round: the global tensors first, then the JSON that points at them."""
         name = f"global-{round_no:05d}.safetensors"
-        tmp = self.directory / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in broadcast.items()}, str(tmp))
-        os.replace(tmp, self.directory / name)
+        write_atomic(self.directory / name, save({k: v.contiguous() for k, v in broadcast.items()}))
         write_atomic(
             self.directory / STATE_FILE,
             json.dumps({"round": round_no, "global": name} | extra).encode(),
         )
         for old in sorted(self.directory.glob("global-*.safetensors"))[:-2]:
             old.unlink()
+        shutil.rmtree(self.spool(round_no - 1), ignore_errors=True)  # now folded into the global
 
     def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         """The last committed round, or None for a fresh directory."""
