@@ -15,36 +15,19 @@ from .errors import ConfigError, ModelError
 INIT_METHODS = ("lora-sb", "svd", "random")
 
 # Target presets per architecture family (DESIGN §1.1), keyed by `config.model_type`.
+ENCODER_TARGETS = (
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "bert": (
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ),
-    "roberta": (
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ),
-    "xlm-roberta": (
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), ENCODER_TARGETS),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma2"), DECODER_TARGETS),
 }
 
 
