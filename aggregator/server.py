@@ -6,6 +6,7 @@ the adapter and global messages; MQTT or an in-process loop carries them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class FederatedServer:
         self.pending.clear()
         self.uploads.clear()
         self.round_sum = self.new_round_sum()
-        self.rules = UpdateRules(self.job.name, round_no, self.rules.shapes, self.rules.max_rank)
+        self.rules = dataclasses.replace(self.rules, round=round_no)
 
     def adapter_payload(self) -> bytes:
         """The one-time adapter message (frozen factors, starting trainable tensors)."""

@@ -121,6 +121,7 @@ class AggregatorService:
             address,
             f"fedsb-aggregator-{job.name}",
             [self.topics.update_all],
+            manual_ack=True,
             **({"max_packet": max_packet} if max_packet else {}),
         )
         self.deadline = 0.0
@@ -129,10 +130,10 @@ class AggregatorService:
     def resume(self) -> None:
         """Load the last closed round and replay the spooled updates of the open one."""
         saved = self.checkpoint.load()
-        if saved is None:
-            return
-        round_no, broadcast, state = saved
-        self.server.restore(round_no, broadcast)
+        round_no = 0
+        if saved is not None:
+            round_no, broadcast, _ = saved
+            self.server.restore(round_no, broadcast)
         for client, payload in self.checkpoint.spooled(round_no):
             self.server.submit(client, payload)
         log.info("resumed at round %d with %d spooled updates", round_no, len(self.server.pending))
@@ -163,6 +164,8 @@ class AggregatorService:
             round_no = self.server.round
             if self.server.submit(client, msg.payload) is None:
                 self.checkpoint.save_update(round_no, client, msg.payload)
+        if msg is not None:
+            self.connection.ack(msg)  # only now: spooled (or rejected), so a crash loses nothing
         quorum = len(self.server.pending) >= self.quorum
         late = time.monotonic() > self.deadline
         if quorum or (late and self.server.pending):

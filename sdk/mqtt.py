@@ -120,6 +120,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
 
 
 class MqttConnection:
@@ -135,6 +137,7 @@ class MqttConnection:
         max_packet: int = DEFAULT_MAX_PACKET,
         clean_start: bool = False,
         mqtt5: bool = False,
+        manual_ack: bool = False,
     ) -> None:
         self.address = address
         self.mqtt5 = mqtt5
@@ -155,6 +158,9 @@ class MqttConnection:
                 clean_session=clean_start,
                 protocol=paho.MQTTv311,
             )
+        # manual_ack: a message is acknowledged by `ack` once the caller has made it durable,
+        # so a crash before that makes the broker redeliver it instead of losing it.
+        self.client.manual_ack_set(manual_ack)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -201,7 +207,14 @@ class MqttConnection:
             log.warning("disconnected from %s: %s (paho reconnects)", self.address.url, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        self.messages.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self.messages.put(
+            Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos)
+        )
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1 message received with `manual_ack` (no-op for QoS 0)."""
+        if message.qos > 0:
+            self.client.ack(message.mid, message.qos)
 
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, wait_s: float | None = 30.0
