@@ -502,6 +502,10 @@ def write_mosquitto_config(
         "log_type information",
         "connection_messages true",
         f"max_packet_size {max_packet_size}",
+        # The aggregator acknowledges an update only once it is spooled, so a round's updates
+        # wait in the broker: its default queue of 1,000 per client would drop the rest.
+        "max_queued_messages 100000",
+        "max_inflight_messages 200",
         "",
     ]
     config = _write(directory / "mosquitto.conf", "\n".join(lines))
