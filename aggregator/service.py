@@ -32,6 +32,7 @@ from .server import FederatedServer, RoundResult
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+RECEIVE_MAXIMUM = 256  # unacknowledged updates the broker may push to the aggregator at once
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -108,6 +109,7 @@ class AggregatorService:
         *,
         on_round_closed: Callable[[RoundResult, bytes], None] | None = None,
         max_packet: int | None = None,
+        mqtt5: bool = False,
     ) -> None:
         self.job = job
         self.server = server
@@ -122,6 +124,10 @@ class AggregatorService:
             f"fedsb-aggregator-{job.name}",
             [self.topics.update_all],
             manual_ack=True,
+            # MQTT 5 brokers (mosquitto) then hold a round's backlog instead of this process:
+            # memory stays flat however many clients report. amqtt speaks 3.1.1 only.
+            mqtt5=mqtt5,
+            receive_maximum=RECEIVE_MAXIMUM if mqtt5 else None,
             **({"max_packet": max_packet} if max_packet else {}),
         )
         self.deadline = 0.0

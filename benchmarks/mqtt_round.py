@@ -238,6 +238,7 @@ def aggregator_main(
         on_round_closed=on_round_closed,
         profile_round=profile_round,
         stop=stop,
+        mqtt5=True,  # Receive Maximum: mosquitto holds the backlog, not the aggregator
     )
     # time the three things the service does per message, without a profiler's overhead
     server.submit = timed(server.submit, seconds, "submit")  # type: ignore[method-assign]

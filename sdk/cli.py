@@ -424,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--config", required=True)
     add_broker_options(agg, required=True)
     agg.add_argument("--state-dir", required=True, help="checkpoints; an existing one is resumed")
+    agg.add_argument(
+        "--mqtt5",
+        action="store_true",
+        help="MQTT 5 with a receive maximum (mosquitto): the broker holds the backlog",
+    )
     agg.set_defaults(handler=aggregator_command)
 
     cli = sub.add_parser(

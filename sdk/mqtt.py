@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, FedsbError
 
@@ -138,10 +140,12 @@ class MqttConnection:
         clean_start: bool = False,
         mqtt5: bool = False,
         manual_ack: bool = False,
+        receive_maximum: int | None = None,
     ) -> None:
         self.address = address
         self.mqtt5 = mqtt5
         self.clean_start = clean_start
+        self.receive_maximum = receive_maximum  # MQTT 5: at most this many unacked deliveries
         self.subscriptions = subscriptions
         self.max_packet = max_packet
         self.messages: queue.Queue[Message] = queue.Queue()
@@ -178,8 +182,15 @@ class MqttConnection:
         """Connect and start paho's network thread; wait (bounded) for the first CONNACK."""
         try:
             if self.mqtt5:
+                properties = Properties(PacketTypes.CONNECT)
+                if self.receive_maximum:
+                    properties.ReceiveMaximum = self.receive_maximum
                 self.client.connect(
-                    self.address.host, self.address.port, keepalive=30, clean_start=self.clean_start
+                    self.address.host,
+                    self.address.port,
+                    keepalive=30,
+                    clean_start=self.clean_start,
+                    properties=properties,
                 )
             else:
                 self.client.connect(self.address.host, self.address.port, keepalive=30)
