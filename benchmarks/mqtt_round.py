@@ -671,7 +671,7 @@ PROFILE_POINTS = [
     ("      wire.decode_update", "sdk/wire.py", "decode_update"),
     ("    RoundSum.add (exact sums)", "sdk/aggregate.py", "add"),
     ("      ExactSum.add_block", "sdk/accumulate.py", "add_block"),
-    ("  Checkpoint.save_update (2 files per update)", "aggregator/service.py", "save_update"),
+    ("  Checkpoint.save_update (one spooled file)", "aggregator/service.py", "save_update"),
     ("    os.fsync", "~", "<built-in method posix.fsync>"),
     ("  AggregatorService.close_round", "aggregator/service.py", "close_round"),
 ]

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from fedsb.adapter import (
-    LoraSBConfig,
     apply_lora_sb,
     load_adapter_state,
     load_trainable_state,
@@ -31,21 +30,6 @@ from fedsb.training import Encoded, evaluate, train_local
 log = logging.getLogger(__name__)
 
 
-def lora_config_of(job: JobConfig) -> LoraSBConfig:
-    """The adapter part of a job as a `LoraSBConfig`."""
-    a = job.adapter
-    return LoraSBConfig(
-        rank=a.rank,
-        alpha=a.alpha,
-        target_modules=a.target_modules,
-        modules_to_save=tuple(a.modules_to_save),
-        init=a.init,
-        init_samples=a.init_samples,
-        init_lr=a.init_lr,
-        seed=job.seed,
-    )
-
-
 class FederatedClient:
     """One participant: its base model, its local data, its rank."""
 
@@ -57,7 +41,7 @@ class FederatedClient:
         self.data = data
         self.rank = rank
         self.method = get_method(job.federation.method)
-        self.model = apply_lora_sb(base_model, lora_config_of(job))
+        self.model = apply_lora_sb(base_model, job.lora_config())
         self.model.eval()
         self.round: int | None = None
         self.start_state: dict[str, torch.Tensor] = {}

@@ -139,22 +139,6 @@ class RoundSum:
                 )
         return new
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The sums as tensors (checkpoints)."""
-        out: dict[str, torch.Tensor] = {}
-        for kind, sums in (("num", self.num), ("den", self.den)):
-            for group, acc in sums.items():
-                out |= {f"{kind}/{group}/{name}": t for name, t in acc.state_dict().items()}
-        return out
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for kind, sums in (("num", self.num), ("den", self.den)):
-            for group in sums:
-                prefix = f"{kind}/{group}/"
-                sums[group] = ExactSum.from_state_dict(
-                    {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
-                )
-
 
 def weighted_mean(deltas: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """Σ w_k Δ_k / Σ w_k, exact sums rounded once (zero when all weights are zero)."""

@@ -22,14 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedsb.aggregator.broker import start_embedded_broker
 from fedsb.aggregator.server import FederatedServer, RoundResult
 from fedsb.aggregator.service import AggregatorService
-from fedsb.edge_client.client import FederatedClient, lora_config_of
+from fedsb.edge_client.client import FederatedClient
 from fedsb.edge_client.service import ClientService
 
 from .adapter import adapter_state
 from .config import JobConfig, config_to_dict, load_config
 from .errors import FedsbError
 from .mqtt import parse_broker_url
-from .report import RunRecorder, save_adapter, summarise
+from .report import RunRecorder, adapter_description, save_adapter, summarise
 from .simulation import initial_server_model, prepare_fleet
 
 log = logging.getLogger("fedsb")
@@ -80,7 +80,7 @@ class Simulation:
         self.quiet = quiet
         self.started = time.perf_counter()
         self.fleet = prepare_fleet(job)
-        model, method = initial_server_model(job, self.fleet, lora_config_of(job))
+        model, method = initial_server_model(job, self.fleet)
         self.server = FederatedServer.from_model(job, model, method)
         self.clients = [
             FederatedClient(
@@ -219,18 +219,10 @@ class Simulation:
         """Plots, final adapter, table; the run's summary (with the final global state)."""
         job = self.job
         self.recorder.plot(f"{job.name}: {job.federation.method}, {job.federation.clients} clients")
-        description = {
-            "format": "fedsb-adapter/1",
-            "base_model": job.model.name,
-            "num_labels": len(self.fleet.split.train.label_names),
-            "label_names": self.fleet.split.train.label_names,
-            "method": job.federation.method,
-            "adapter": config_to_dict(job)["adapter"],
-        }
         save_adapter(
             self.out / "adapter",
             adapter_state(self.evaluator.model, job.adapter.modules_to_save),
-            description,
+            adapter_description(job, self.fleet.split.train.label_names),
         )
         if not self.quiet:
             self.recorder.print_table(Console())
@@ -307,7 +299,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 def aggregator_command(args: argparse.Namespace) -> int:
     job = load_config(args.config)
     fleet = prepare_fleet(job)
-    model, method = initial_server_model(job, fleet, lora_config_of(job))
+    model, method = initial_server_model(job, fleet)
     server = FederatedServer.from_model(job, model, method)
     address = parse_broker_url(args.broker, ca_file=args.ca_file)
 
@@ -317,13 +309,14 @@ def aggregator_command(args: argparse.Namespace) -> int:
             f"train loss {result.mean_loss:.3f}, rejected so far {dict(server.rejections)}"
         )
 
-    state_dir = AggregatorService(
-        job, server, address, args.state_dir, on_round_closed=report
-    ).run()
-    save_adapter(
+    service = AggregatorService(
+        job, server, address, args.state_dir, on_round_closed=report, mqtt5=args.mqtt5
+    )
+    state_dir = service.run()
+    save_adapter(  # Fed-SB: frozen B, A from the adapter, final R and head from the global
         Path(state_dir) / "adapter",
         server.adapter | server.broadcast,
-        {"base_model": job.model.name},
+        adapter_description(job, fleet.split.train.label_names),
     )
     console.print(f"job {job.name} done; final adapter in {state_dir}/adapter")
     return 0

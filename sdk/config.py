@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .adapter import LoraSBConfig
 from .errors import ConfigError
 
 
@@ -119,6 +120,20 @@ class JobConfig(Section):
         if ranks and self.federation.method != "fedsb":
             raise ValueError("heterogeneous client_ranks are supported by method = 'fedsb' only")
         return self
+
+    def lora_config(self) -> LoraSBConfig:
+        """The adapter part of the job as the `LoraSBConfig` that `apply_lora_sb` takes."""
+        a = self.adapter
+        return LoraSBConfig(
+            rank=a.rank,
+            alpha=a.alpha,
+            target_modules=a.target_modules,
+            modules_to_save=tuple(a.modules_to_save),
+            init=a.init,
+            init_samples=a.init_samples,
+            init_lr=a.init_lr,
+            seed=self.seed,
+        )
 
     def client_rank(self, index: int) -> int:
         """Rank of client `index` (the adapter rank unless client_ranks says otherwise)."""

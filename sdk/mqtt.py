@@ -24,7 +24,6 @@ from .errors import ConfigError, FedsbError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PACKET = 16 * 2**20  # mosquitto's max_packet_size in fedsb's generated config
-CHUNK_BYTES = 2**20  # adapter chunks are at most 1 MiB (DESIGN §3)
 
 
 class TransportError(FedsbError):
@@ -107,10 +106,6 @@ class Topics:
 
     def status(self, client: str) -> str:
         return f"{self.base}/status/{client}"
-
-    @property
-    def status_all(self) -> str:
-        return f"{self.base}/status/+"
 
     def client_of(self, topic: str) -> str:
         """The last topic level (the client id of an update or status topic)."""

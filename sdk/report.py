@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
+from .config import JobConfig, config_to_dict
+
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -90,6 +92,18 @@ def save_adapter(
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
     (out / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2) + "\n")
     return out
+
+
+def adapter_description(job: JobConfig, label_names: Sequence[str]) -> dict[str, Any]:
+    """adapter_config.json: what an exporter needs to rebuild the model around the tensors."""
+    return {
+        "format": "fedsb-adapter/1",
+        "base_model": job.model.name,
+        "num_labels": len(label_names),
+        "label_names": list(label_names),
+        "method": job.federation.method,
+        "adapter": config_to_dict(job)["adapter"],
+    }
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import LoraSBConfig, apply_lora_sb
+from .adapter import apply_lora_sb
 from .config import JobConfig
 from .data import DatasetSplit, load_dataset, partition
 from .init import init_lora_sb
@@ -64,10 +64,9 @@ def init_examples(fleet: FleetSetup, count: int, seed: int) -> Encoded:
     return fleet.train.select(pick)
 
 
-def initial_server_model(
-    job: JobConfig, fleet: FleetSetup, lora: LoraSBConfig
-) -> tuple[nn.Module, Method]:
+def initial_server_model(job: JobConfig, fleet: FleetSetup) -> tuple[nn.Module, Method]:
     """The server's adapted model after initialisation, and the job's method."""
+    lora = job.lora_config()
     method = get_method(job.federation.method)
     model = apply_lora_sb(copy.deepcopy(fleet.base_model), lora)
     if method.name == "fedsb":

@@ -83,13 +83,13 @@ def test_heterogeneous_ranks_upload_their_block(tiny_config, tmp_path):
 def test_low_rank_client_trains_and_uploads_only_its_block(tiny_config, mode, monkeypatch):
     from fedsb.adapter import lora_layers
     from fedsb.aggregator.server import FederatedServer
-    from fedsb.edge_client.client import FederatedClient, lora_config_of
+    from fedsb.edge_client.client import FederatedClient
     from fedsb.simulation import initial_server_model, prepare_fleet
     from fedsb.wire import decode_update
 
     job = tiny_config(client_ranks=[2, 4, 4, 4], rank_mode=mode)
     fleet = prepare_fleet(job)
-    model, method = initial_server_model(job, fleet, lora_config_of(job))
+    model, method = initial_server_model(job, fleet)
     server = FederatedServer.from_model(job, model, method)
     client = FederatedClient("c", fleet.base_model, fleet.train, job, rank=2)
     client.receive_adapter(server.adapter_payload())

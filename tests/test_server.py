@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedsb.aggregator.server import FederatedServer
-from fedsb.edge_client.client import FederatedClient, lora_config_of
+from fedsb.edge_client.client import FederatedClient
 from fedsb.errors import FedsbError
 from fedsb.protocol import UpdateMeta, encode_client_update
 from fedsb.simulation import initial_server_model, prepare_fleet
@@ -20,7 +20,7 @@ def world(tiny_model_dir):
 
     job = parse_config(tiny_job(tiny_model_dir, clients=2))
     fleet = prepare_fleet(job)
-    model, method = initial_server_model(job, fleet, lora_config_of(job))
+    model, method = initial_server_model(job, fleet)
     return job, fleet, model, method
 
 

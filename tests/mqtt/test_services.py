@@ -24,7 +24,7 @@ from fedsb.aggregator.server import FederatedServer
 from fedsb.aggregator.service import AggregatorService, Checkpoint
 from fedsb.cli import run_simulation
 from fedsb.config import parse_config
-from fedsb.edge_client.client import FederatedClient, lora_config_of
+from fedsb.edge_client.client import FederatedClient
 from fedsb.edge_client.service import ClientService
 from fedsb.mqtt import MqttConnection, Topics, parse_broker_url
 from fedsb.protocol import parse_round
@@ -365,7 +365,7 @@ def test_restarted_client_does_not_resend(tiny_model_dir, tmp_path, mosquitto_br
 def fresh_server(job) -> FederatedServer:
     """The aggregator's server as `fedsb aggregator` builds it."""
     fleet = prepare_fleet(job)
-    model, method = initial_server_model(job, fleet, lora_config_of(job))
+    model, method = initial_server_model(job, fleet)
     return FederatedServer.from_model(job, model, method)
 
 
