@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q $(TORCH_PIN) -e ".[dev]"
+	$(PIP) install -q $(TORCH_PIN) -e ".[dev,all]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -78,6 +78,8 @@ class FederatedClient:
             lr=fed.lr,
             head_lr=fed.head_lr,
             seed=round_seed(self.job.seed, self.client_id, self.round),
+            optimizer=fed.optimizer,
+            dropout=fed.dropout,
         )
         upload = self.method.client_upload(self.model, start, self.rank)
         self.restore(start)

@@ -60,6 +60,12 @@ class FederationSection(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0, description="learning rate of the LoRA factors")
     head_lr: float = Field(1e-1, gt=0, description="learning rate of modules_to_save")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer; every edge backend supports 'sgd'"
+    )
+    dropout: bool = Field(
+        True, description="dropout during local training (exported edge graphs train without it)"
+    )
     weighting: Literal["examples", "uniform"] = "examples"
     padding: Literal["replication", "zero", "hetlora"] = "replication"
     client_ranks: list[int] | None = Field(None, description="rank of each client (heterogeneous)")

@@ -81,15 +81,22 @@ class TrainStats:
     steps: int
 
 
-def make_optimizer(model: nn.Module, lr: float, head_lr: float) -> torch.optim.Optimizer:
-    """AdamW (no weight decay) with one learning rate for LoRA factors, another for saved modules."""
+def make_optimizer(
+    model: nn.Module, lr: float, head_lr: float, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW (no weight decay) or plain SGD, one learning rate for LoRA factors, one for saved modules."""
     lora_params = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) in lora_params], "lr": lr},
         {"params": [p for p in trainable if id(p) not in lora_params], "lr": head_lr},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    groups = [g for g in groups if g["params"]]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+    raise ConfigError(f"unknown optimizer {kind!r} (expected 'adamw' or 'sgd')")
 
 
 def train_local(
@@ -101,17 +108,19 @@ def train_local(
     lr: float,
     head_lr: float,
     seed: int,
+    optimizer: str = "adamw",
+    dropout: bool = True,
 ) -> TrainStats:
-    """`steps` AdamW steps on batches of `data`; returns the mean loss and examples seen.
+    """`steps` optimizer steps on batches of `data`; returns the mean loss and examples seen.
 
     Batch order and dropout masks come from `seed` alone (the global RNG is forked and
     restored), so a client's round gives the same result whatever else runs in the process.
+    With `dropout=False` the model trains in eval mode, as exported edge graphs do.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _train_steps(
-            model, data, steps, batch_size, make_optimizer(model, lr, head_lr), seed
-        )
+        opt = make_optimizer(model, lr, head_lr, optimizer)
+        return _train_steps(model, data, steps, batch_size, opt, seed, dropout)
 
 
 def _train_steps(
@@ -121,9 +130,10 @@ def _train_steps(
     batch_size: int,
     optimizer: torch.optim.Optimizer,
     seed: int,
+    dropout: bool = True,
 ) -> TrainStats:
     generator = torch.Generator().manual_seed(seed)
-    model.train()
+    model.train(dropout)
     total_loss, seen = 0.0, 0
     for batch in sample_batches(data, batch_size, steps, generator):
         optimizer.zero_grad(set_to_none=True)
