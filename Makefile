@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: demo test install install-dev system-deps lint bench experiments clean
+.PHONY: demo test test-chaos install install-dev system-deps lint bench experiments clean flower-site
 
 $(VENV)/.installed: pyproject.toml requirements/offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,11 +44,31 @@ lint: install-dev
 test: install-dev system-deps lint
 	$(VENV)/bin/pytest
 
-bench: install system-deps
-	$(PY) benchmarks/mqtt_round.py
+# fault injection, hostile-input fuzzing, Byzantine clients, 500-client scale (≈ 4 min on 2 cores)
+test-chaos: install-dev system-deps
+	timeout 720 $(VENV)/bin/pytest -m chaos tests/chaos
 
-experiments: install
+bench: install system-deps flower-site
+	$(PY) benchmarks/mqtt_round.py
+	$(PY) benchmarks/aggregation_throughput.py
+	$(PY) benchmarks/client_cost.py
+	$(PY) benchmarks/flower_compare.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/edge_step.py  # edge runtimes: needs the ort and executorch extras
+
+bench: install-dev
+
+# Flower for the side-by-side, beside the venv: its pins (protobuf<7, rich<15, …) clash with ours
+flower-site: runs/flower-site/.installed
+runs/flower-site/.installed:
+	$(PIP) install -q --target runs/flower-site "flwr[simulation]==1.42.0"
+	touch $@
+
+experiments: install-dev
+	$(PY) experiments/communication.py
+	$(PY) experiments/accuracy_comm.py
 	$(PY) experiments/hetero_ranks.py
+	$(PY) experiments/privacy.py  # needs opacus (the dp extra, in install-dev)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache

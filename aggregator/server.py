@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,7 +20,9 @@ from fedsb.aggregate import RoundSum
 from fedsb.config import JobConfig
 from fedsb.errors import FedsbError, UpdateRejected
 from fedsb.methods import Method
+from fedsb.privacy import UserLevelDP
 from fedsb.protocol import UpdateMeta, UpdateRules, encode_broadcast, validate_update
+from fedsb.robust import bound_update, robust_aggregate
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ class RoundResult:
     examples: int
     mean_loss: float
     upload_bytes: dict[str, int] = field(default_factory=dict)
+    epsilon: float | None = None  # user-dp: the job's user-level ε after this round
+    client_epsilon: float | None = None  # dp-sgd: the largest ε a client has reported
+    budget_spent: list[str] = field(default_factory=list)  # dp-sgd: clients that stopped
 
 
 class FederatedServer:
@@ -55,6 +61,9 @@ class FederatedServer:
         self.pending: dict[str, tuple[UpdateMeta, int]] = {}  # accepted this round: meta, bytes
         self.uploads: dict[str, dict[str, torch.Tensor]] = {}  # kept only by non-streaming methods
         self.rejections: Counter[str] = Counter()
+        self.user_dp = UserLevelDP.from_job(job) if job.privacy.mode == "user-dp" else None
+        self.budget_spent: set[str] = set()  # DP-SGD clients that said their ε is spent
+        self.client_epsilon: dict[str, float] = {}  # DP-SGD: the last ε each client reported
         self.round_sum = self.new_round_sum()
 
     @classmethod
@@ -68,9 +77,17 @@ class FederatedServer:
             {k: tuple(v.shape) for k, v in trainable_state(model).items()},
         )
 
+    def set_initial_model(self, model: nn.Module) -> None:
+        """Take the adapter and round-0 state of `model` (after a federated init phase)."""
+        self.adapter = adapter_state(model, self.job.adapter.modules_to_save)
+        self.restore(0, self.method.initial_broadcast(model))
+
     def new_round_sum(self) -> RoundSum | None:
         """Exact running sums for Fed-SB (memory independent of the number of clients)."""
-        if self.method.name != "fedsb":
+        if self.user_dp is not None:  # clipped deltas, noise on the sum: linear methods only
+            fedsb = self.method.name == "fedsb"
+            return RoundSum(self.broadcast, self.job.federation.padding if fedsb else "replication")
+        if self.method.name != "fedsb" or self.job.federation.aggregation != "exact-mean":
             return None
         return RoundSum(self.broadcast, self.job.federation.padding)
 
@@ -102,11 +119,27 @@ class FederatedServer:
             state, meta = validate_update(payload, client_id, self.rules)
             if client_id in self.pending:
                 raise UpdateRejected("duplicate", f"{client_id} already sent round {self.round}")
+            fed = self.job.federation
+            if fed.norm_bound is not None:
+                state = bound_update(state, fed.norm_bound, fed.norm_bound_action)
+            if self.user_dp is not None:
+                state = self.user_dp.clip(state)
         except UpdateRejected as err:
             self.rejections[err.reason] += 1
             log.warning("rejected update from %s: %s", client_id, err)
             return err.reason
-        if self.round_sum is not None:
+        if meta.epsilon is not None:
+            self.client_epsilon[client_id] = meta.epsilon
+        if meta.budget_spent:  # counts for the quorum, adds nothing
+            if client_id not in self.budget_spent:
+                self.budget_spent.add(client_id)
+                log.warning(
+                    "client %s has spent its privacy budget (ε = %s) and stops contributing; "
+                    "the job goes on without it",
+                    client_id,
+                    meta.epsilon,
+                )
+        elif self.round_sum is not None:
             try:
                 self.round_sum.add(state, self.weight(meta), meta.rank)
             except (FedsbError, ValueError) as err:  # validated already: a bug, not a crash
@@ -135,11 +168,21 @@ class FederatedServer:
         """Aggregate the accepted updates (in client-id order) and open the next round."""
         if not self.pending:
             raise FedsbError(f"round {self.round} has no accepted update to aggregate")
-        ids = sorted(self.pending)
+        ids = sorted(i for i, (m, _) in self.pending.items() if not m.budget_spent)
         metas = [self.pending[i][0] for i in ids]
         weights = [self.weight(m) for m in metas]
-        if self.round_sum is not None:
-            self.broadcast = self.round_sum.result()
+        if not ids:
+            log.warning("round %d: every client that answered has spent its budget", self.round)
+        elif self.round_sum is not None:
+            noise = self.user_dp.noise(self.broadcast, self.round) if self.user_dp else None
+            self.broadcast = self.round_sum.result(noise)
+        elif self.job.federation.aggregation != "exact-mean":
+            self.broadcast = robust_aggregate(
+                self.broadcast,
+                [self.uploads[i] for i in ids],
+                self.job.federation.aggregation,
+                self.job.federation.trim_fraction,
+            )
         else:
             self.broadcast = self.method.server_aggregate(
                 self.broadcast,
@@ -152,8 +195,12 @@ class FederatedServer:
             round=self.round,
             clients=ids,
             examples=sum(m.examples for m in metas),
-            mean_loss=sum(m.loss * w for m, w in zip(metas, weights, strict=True)) / sum(weights),
+            mean_loss=sum(m.loss * w for m, w in zip(metas, weights, strict=True))
+            / (sum(weights) or math.nan),
             upload_bytes={i: self.pending[i][1] for i in ids},
+            epsilon=self.user_dp.epsilon(self.round + 1) if self.user_dp else None,
+            client_epsilon=max(self.client_epsilon.values(), default=None),
+            budget_spent=sorted(set(self.pending) - set(ids)),
         )
         self.restore(self.round + 1, self.broadcast)
         return result

@@ -23,16 +23,21 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedsb.config import JobConfig, config_to_dict
-from fedsb.errors import FedsbError
-from fedsb.mqtt import BrokerAddress, MqttConnection, Topics
+from fedsb.errors import FedsbError, StateDirError
+from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics
 from fedsb.protocol import adapter_chunks, round_message
+from fedsb.selection import default_client_ids, sample_clients
 
+from .init_phase import InitPhase
+from .init_service import InitService
 from .server import FederatedServer, RoundResult
+from .spool import SpoolWriter
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 RECEIVE_MAXIMUM = 256  # unacknowledged updates the broker may push to the aggregator at once
+MAX_BACKLOG = 64  # updates queued in this process; past that the socket is not read (flat memory)
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -65,8 +70,19 @@ class Checkpoint:
     def save_update(self, round_no: int, client: str, payload: bytes) -> None:
         """Spool one accepted update (file name: the client id in hex, so any id is safe)."""
         folder = self.spool(round_no)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{client.encode().hex()}.update", payload, durable=False)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / f"{client.encode().hex()}.update", payload, durable=False)
+        except OSError as err:
+            raise self.unwritable(err, f"an update of round {round_no}") from err
+
+    def unwritable(self, err: OSError, what: str) -> StateDirError:
+        """The one-line reason the aggregator stops: nothing it acknowledged is lost."""
+        return StateDirError(
+            f"cannot write {what} to the state directory {self.directory} ({err.strerror}); "
+            "stopped accepting updates: everything acknowledged so far is checkpointed there, "
+            "and unacknowledged updates stay with the broker"
+        )
 
     def spooled(self, round_no: int) -> list[tuple[str, bytes]]:
         """(client, payload) of every accepted update of the round, in client order."""
@@ -79,11 +95,15 @@ class Checkpoint:
     ) -> None:
         """Commit a closed round: the global tensors first, then the JSON that points at them."""
         name = f"global-{round_no:05d}.safetensors"
-        write_atomic(self.directory / name, save({k: v.contiguous() for k, v in broadcast.items()}))
-        write_atomic(
-            self.directory / STATE_FILE,
-            json.dumps({"round": round_no, "global": name} | extra).encode(),
-        )
+        try:
+            tensors = save({k: v.contiguous() for k, v in broadcast.items()})
+            write_atomic(self.directory / name, tensors)
+            write_atomic(
+                self.directory / STATE_FILE,
+                json.dumps({"round": round_no, "global": name} | extra).encode(),
+            )
+        except OSError as err:
+            raise self.unwritable(err, f"the global state of round {round_no}") from err
         for old in sorted(self.directory.glob("global-*.safetensors"))[:-2]:
             old.unlink()
         shutil.rmtree(self.spool(round_no - 1), ignore_errors=True)  # now folded into the global
@@ -110,9 +130,14 @@ class AggregatorService:
         on_round_closed: Callable[[RoundResult, bytes], None] | None = None,
         max_packet: int | None = None,
         mqtt5: bool = False,
+        init_phase: InitPhase | None = None,
+        on_init_done: Callable[[dict[str, Any]], None] | None = None,
+        roster: list[str] | None = None,
     ) -> None:
         self.job = job
         self.server = server
+        self.roster = roster or default_client_ids(job)  # who `clients_per_round` samples from
+        self.selected: set[str] | None = None  # this round's sample (None: everyone)
         self.topics = Topics(job.name)
         self.checkpoint = Checkpoint(Path(state_dir))
         self.on_round_closed = on_round_closed
@@ -122,15 +147,25 @@ class AggregatorService:
         self.connection = MqttConnection(
             address,
             f"fedsb-aggregator-{job.name}",
-            [self.topics.update_all],
+            [self.topics.update_all] + ([self.topics.init_reply_all] if init_phase else []),
             manual_ack=True,
-            # MQTT 5 brokers (mosquitto) then hold a round's backlog instead of this process:
-            # memory stays flat however many clients report. amqtt speaks 3.1.1 only.
+            # Flow control: at most MAX_BACKLOG updates wait in this process, the rest stay with
+            # the broker, so memory stays flat however many clients report. MQTT 5 (mosquitto;
+            # amqtt speaks 3.1.1 only) also asks for a Receive Maximum and logs reason codes.
             mqtt5=mqtt5,
             receive_maximum=RECEIVE_MAXIMUM if mqtt5 else None,
+            max_backlog=MAX_BACKLOG,
             **({"max_packet": max_packet} if max_packet else {}),
         )
         self.deadline = 0.0
+        self.writer: SpoolWriter | None = None  # set while `run` serves the job
+        self.on_init_done = on_init_done
+        self.init = None
+        if init_phase is not None:  # federated init: a phase before round 1 (or its checkpoint)
+            self.init = InitService(
+                init_phase, server, self.connection, self.checkpoint.directory, self.timeout_s
+            )
+            self.init.load()
         self.resume()
 
     def resume(self) -> None:
@@ -147,10 +182,15 @@ class AggregatorService:
     def run(self, *, max_seconds: float = 24 * 3600) -> Path:
         """Serve the job until its last round closes; return the state directory."""
         self.connection.start()
+        self.writer = SpoolWriter(self.checkpoint, self.connection)
         try:
+            stop_at = time.monotonic() + max_seconds
+            if self.init is not None:
+                traffic = self.init.run(stop_at)
+                if self.on_init_done:
+                    self.on_init_done(traffic)
             self.publish_job()
             self.publish_round()
-            stop_at = time.monotonic() + max_seconds
             while self.server.round < self.job.federation.rounds:
                 if time.monotonic() > stop_at:
                     raise FedsbError(f"job did not finish within {max_seconds:.0f} s")
@@ -159,6 +199,8 @@ class AggregatorService:
                 self.topics.round, round_message(self.server.round, done=True), retain=True
             )
         finally:
+            self.writer.close()
+            self.writer = None
             self.connection.stop()
         return self.checkpoint.directory
 
@@ -168,10 +210,15 @@ class AggregatorService:
         if msg is not None and msg.topic.startswith(self.topics.base + "/update/"):
             client = self.topics.client_of(msg.topic)
             round_no = self.server.round
-            if self.server.submit(client, msg.payload) is None:
-                self.checkpoint.save_update(round_no, client, msg.payload)
-        if msg is not None:
-            self.connection.ack(msg)  # only now: spooled (or rejected), so a crash loses nothing
+            accepted = None
+            if self.selected is not None and client not in self.selected:
+                self.server.rejections["not-selected"] += 1
+                log.warning("rejected update from %s: not selected for round %d", client, round_no)
+            elif self.server.submit(client, msg.payload) is None:
+                accepted = client
+            self.keep(msg, round_no, accepted)
+        elif msg is not None:
+            self.keep(msg, self.server.round, None)
         quorum = len(self.server.pending) >= self.quorum
         late = time.monotonic() > self.deadline
         if quorum or (late and self.server.pending):
@@ -182,7 +229,21 @@ class AggregatorService:
             )
             self.deadline = time.monotonic() + self.timeout_s
 
+    def keep(self, msg: Message, round_no: int, client: str | None) -> None:
+        """Spool an accepted update (client given), then ack: a crash loses nothing acked.
+
+        Inside `run` a writer thread does both, so the write overlaps the next decode.
+        """
+        if self.writer is not None:
+            self.writer.keep(msg, round_no, client)
+            return
+        if client is not None:
+            self.checkpoint.save_update(round_no, client, msg.payload)
+        self.connection.ack(msg)
+
     def close_round(self) -> None:
+        if self.writer is not None:
+            self.writer.drain()  # the round's updates are all spooled before it commits
         result = self.server.close_round()
         self.checkpoint.save_round(
             self.server.round, self.server.broadcast, {"rejections": dict(self.server.rejections)}
@@ -213,10 +274,18 @@ class AggregatorService:
         """The global state, then the round message that points at it by sha256."""
         payload = payload or self.server.global_payload()
         self.deadline = time.monotonic() + self.timeout_s
-        self.connection.publish(self.topics.global_state, payload, retain=True)
+        # No wait for the PUBACKs: the inbound backlog may be full (flow control), and the
+        # connection sends these in order as soon as the next update is taken off it.
+        self.connection.publish(self.topics.global_state, payload, retain=True, wait_s=None)
+        sample = None
+        per_round = self.job.federation.clients_per_round
+        if per_round is not None and per_round < len(self.roster):
+            sample = sample_clients(self.job, self.roster, self.server.round)
+        self.selected = None if sample is None else set(sample)
         message = round_message(
             self.server.round,
             global_sha256=hashlib.sha256(payload).hexdigest(),
             deadline_s=self.timeout_s,
+            selected=sample,
         )
-        self.connection.publish(self.topics.round, message, retain=True)
+        self.connection.publish(self.topics.round, message, retain=True, wait_s=None)

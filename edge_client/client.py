@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,10 +23,21 @@ from fedsb.adapter import (
     trainable_state,
 )
 from fedsb.config import JobConfig
-from fedsb.errors import FedsbError
+from fedsb.errors import ConfigError, FedsbError
+from fedsb.init_federated import client_reply, local_gradient_sums
 from fedsb.methods import get_method
-from fedsb.protocol import UpdateMeta, decode_broadcast, encode_client_update
-from fedsb.training import Encoded, evaluate, train_local
+from fedsb.privacy import ClientPrivacy
+from fedsb.protocol import (
+    InitReplyMeta,
+    UpdateMeta,
+    decode_broadcast,
+    decode_init_request,
+    encode_client_update,
+    encode_init_reply,
+)
+from fedsb.training import Encoded, TrainStats, evaluate
+
+from .backends import TrainingBackend, TrainRequest, check_backend_job, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +46,18 @@ class FederatedClient:
     """One participant: its base model, its local data, its rank."""
 
     def __init__(
-        self, client_id: str, base_model: nn.Module, data: Encoded, job: JobConfig, *, rank: int
+        self,
+        client_id: str,
+        base_model: nn.Module,
+        data: Encoded,
+        job: JobConfig,
+        *,
+        rank: int,
+        backend: str = "torch",
     ) -> None:
+        check_client_backend(backend, job, rank)
+        self.backend_name = backend
+        self.backend: TrainingBackend | None = None  # built from the model once the adapter is in
         self.client_id = client_id
         self.job = job
         self.data = data
@@ -45,10 +67,40 @@ class FederatedClient:
         self.model.eval()
         self.round: int | None = None
         self.start_state: dict[str, torch.Tensor] = {}
+        self.init_gradients: tuple[dict[str, torch.Tensor], int] | None = None
+        self._privacy: ClientPrivacy | None = None
+
+    def init_reply(self, payload: bytes) -> bytes:
+        """Answer one pass of a federated init request from this client's own gradient sums.
+
+        Only sketches (or, in exact mode, the summed gradients) leave: never examples or
+        per-example gradients. The sums are computed once, before the adapter exists (ΔW = 0).
+        """
+        bases, request = decode_init_request(payload, job=self.job.name)
+        if self.init_gradients is None:
+            self.init_gradients = local_gradient_sums(
+                self.model, self.data, self.job, self.client_id
+            )
+        grads, examples = self.init_gradients
+        reply = client_reply(
+            grads,
+            request.mode,
+            request.pass_no,
+            bases=bases,
+            sketch_seed=request.sketch_seed,
+            sketch_cols=request.sketch_cols,
+            clip_norm=self.job.adapter.init_clip_norm,
+        )
+        meta = InitReplyMeta(
+            self.job.name, request.attempt, request.pass_no, self.client_id, examples
+        )
+        return encode_init_reply(reply, meta)
 
     def receive_adapter(self, payload: bytes) -> None:
         """Install the frozen factors (and starting trainable tensors) sent once by the server."""
         state, _ = decode_broadcast(payload, job=self.job.name, kind="adapter")
+        self.init_gradients = None  # the init is over
+        self.backend = None  # a new adapter: the backend is rebuilt (re-exported) from the model
         load_adapter_state(self.model, state)
         self.method.mark_trainable(self.model, self.job.adapter.modules_to_save)
         if self.job.federation.rank_mode == "truncate":
@@ -68,25 +120,72 @@ class FederatedClient:
         """Train locally from the current global state and return the encoded update."""
         if self.round is None:
             raise FedsbError(f"client {self.client_id} has no global state yet")
-        fed = self.job.federation
+        privacy = self.privacy()
+        if privacy is not None and not privacy.can_train_round():
+            return self.budget_spent_notice(privacy.epsilon)
         start = trainable_state(self.model)
-        stats = train_local(
-            self.model,
-            self.data,
+        seed = round_seed(self.job.seed, self.client_id, self.round)
+        if privacy is not None:  # DP-SGD: a torch-only path
+            stats = privacy.train_round(self.model, self.data, seed=seed)
+        else:
+            stats = self.train_with_backend(start, seed)
+        upload = self.method.client_upload(self.model, start, self.rank)
+        self.restore(start)
+        meta = UpdateMeta(
+            self.job.name,
+            self.round,
+            self.client_id,
+            self.rank,
+            len(self.data),
+            stats.loss,
+            epsilon=privacy.epsilon if privacy is not None else None,
+        )
+        return encode_client_update(upload, meta)
+
+    def train_with_backend(self, start: Mapping[str, torch.Tensor], seed: int) -> TrainStats:
+        """Local steps in the chosen runtime from `start`; the trained tensors land in the model."""
+        fed = self.job.federation
+        if self.backend is None:
+            self.backend = get_backend(self.backend_name, self.model)
+        self.backend.load_trainable(start)
+        request = TrainRequest(
             steps=fed.local_steps,
             batch_size=fed.batch_size,
             lr=fed.lr,
             head_lr=fed.head_lr,
-            seed=round_seed(self.job.seed, self.client_id, self.round),
+            seed=seed,
             optimizer=fed.optimizer,
             dropout=fed.dropout,
         )
-        upload = self.method.client_upload(self.model, start, self.rank)
-        self.restore(start)
-        meta = UpdateMeta(
-            self.job.name, self.round, self.client_id, self.rank, len(self.data), stats.loss
+        stats = self.backend.train(self.data, request)
+        load_trainable_state(self.model, self.backend.trainable_state())
+        return stats
+
+    def privacy(self) -> ClientPrivacy | None:
+        """This client's DP-SGD budget (privacy.mode = 'dp-sgd'), set up on first use."""
+        if self.job.privacy.mode == "dp-sgd" and self._privacy is None:
+            self._privacy = ClientPrivacy(self.job, len(self.data))
+        return self._privacy
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The DP-SGD ledger (ε spent so far), saved with the client's state across restarts."""
+        return self._privacy.ledger.state_dict() if self._privacy is not None else None
+
+    def load_privacy_state(self, state: dict[str, Any]) -> None:
+        """Continue from a saved ledger: budget spent before a restart stays spent."""
+        privacy = self.privacy()
+        if privacy is not None:
+            privacy.ledger.load_state_dict(state)
+
+    def budget_spent_notice(self, epsilon: float) -> bytes:
+        """Instead of an update: this client's ε budget is spent, it no longer contributes."""
+        log.info(
+            "client %s: privacy budget spent (ε = %.3g); not training", self.client_id, epsilon
         )
-        return encode_client_update(upload, meta)
+        meta = UpdateMeta(
+            self.job.name, int(self.round or 0), self.client_id, self.rank, 0, 0.0, epsilon, True
+        )
+        return encode_client_update({}, meta)
 
     def restore(self, state: Mapping[str, torch.Tensor]) -> None:
         """Return to the round's global state (the next broadcast starts from it)."""
@@ -95,6 +194,19 @@ class FederatedClient:
     def evaluate(self, data: Encoded | None = None) -> dict[str, float]:
         """Accuracy and loss of the current model on `data` (default: the local data)."""
         return evaluate(self.model, self.data if data is None else data)
+
+
+def check_client_backend(backend: str, job: JobConfig, rank: int) -> None:
+    """Edge runtimes train the exported full-rank R with SGD, no dropout, no DP-SGD."""
+    fed = job.federation
+    check_backend_job(backend, optimizer=fed.optimizer, dropout=fed.dropout, method=fed.method)
+    if backend != "torch" and job.privacy.mode == "dp-sgd":
+        raise ConfigError(f"backend {backend!r} cannot train with DP-SGD; use backend 'torch'")
+    if backend != "torch" and rank != job.adapter.rank:
+        raise ConfigError(
+            f"backend {backend!r} trains the full rank-{job.adapter.rank} R; "
+            f"rank {rank} clients need backend 'torch'"
+        )
 
 
 def round_seed(seed: int, client_id: str, round_no: int) -> int:

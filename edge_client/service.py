@@ -17,7 +17,7 @@ from typing import Any
 
 from fedsb.errors import FedsbError, WireFormatError
 from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics
-from fedsb.protocol import join_chunks, parse_chunk, parse_round
+from fedsb.protocol import adapter_chunks, is_selected, join_chunks, parse_chunk, parse_round
 
 from .client import FederatedClient
 
@@ -51,6 +51,8 @@ class ClientService:
         self.has_adapter = False
         self.round_info: dict[str, Any] | None = None
         self.global_payload: bytes | None = None
+        self.init_request: bytes | None = None  # the open pass of a federated init
+        self.init_answered: set[str] = set()  # sha256 of the requests answered
         self.done = False
         offline = json.dumps({"client": client.client_id, "state": "offline"}).encode()
         self.connection = MqttConnection(
@@ -61,20 +63,28 @@ class ClientService:
                 self.topics.adapter_all,
                 self.topics.round,
                 self.topics.global_state,
+                self.topics.init_request,
             ],
             will=(self.topics.status(client.client_id), offline),
         )
 
     def load_sent(self) -> set[int]:
         if self.state_file and self.state_file.exists():
-            return set(json.loads(self.state_file.read_text()).get("sent_rounds", []))
+            saved = json.loads(self.state_file.read_text())
+            if "privacy" in saved:  # DP-SGD: the ε already spent survives a restart
+                self.client.load_privacy_state(saved["privacy"])
+            return set(saved.get("sent_rounds", []))
         return set()
 
     def record_sent(self, round_no: int) -> None:
         self.sent.add(round_no)
         if self.state_file:
+            state: dict[str, Any] = {"sent_rounds": sorted(self.sent)}
+            privacy = self.client.privacy_state()
+            if privacy is not None:
+                state["privacy"] = privacy
             tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            tmp.write_text(json.dumps({"sent_rounds": sorted(self.sent)}))
+            tmp.write_text(json.dumps(state))
             tmp.replace(self.state_file)
 
     def run(self, *, max_seconds: float = 24 * 3600) -> None:
@@ -92,6 +102,7 @@ class ClientService:
                 msg = self.connection.get(timeout_s=0.5)
                 if msg is not None:
                     self.handle(msg)
+                self.maybe_answer_init()
                 self.maybe_train()
                 if time.monotonic() > next_beat:
                     self.heartbeat("online")
@@ -127,11 +138,31 @@ class ClientService:
                 self.done = bool(self.round_info.get("done"))
             elif msg.topic == self.topics.global_state:
                 self.global_payload = msg.payload
+            elif msg.topic == self.topics.init_request:
+                self.init_request = msg.payload or None  # empty: the init is over
             self.maybe_install_adapter()
         except (WireFormatError, ValueError) as err:
             log.warning(
                 "client %s ignored a message on %s: %s", self.client.client_id, msg.topic, err
             )
+
+    def maybe_answer_init(self) -> None:
+        """Answer each pass of a federated init once, before the adapter exists (chunked)."""
+        request = self.init_request
+        if request is None or self.has_adapter:
+            return
+        key = hashlib.sha256(request).hexdigest()
+        if key in self.init_answered:
+            return
+        self.init_answered.add(key)
+        try:
+            with self.compute_lock:
+                reply = self.client.init_reply(request)
+        except WireFormatError as err:
+            log.warning("client %s ignored an init request: %s", self.client.client_id, err)
+            return
+        for chunk in adapter_chunks(reply):
+            self.connection.publish(self.topics.init_reply(self.client.client_id), chunk)
 
     def maybe_install_adapter(self) -> None:
         if self.has_adapter or self.manifest is None:
@@ -155,6 +186,9 @@ class ClientService:
             log.debug(
                 "%s: round %s waits (sent %s)", self.client.client_id, round_no, sorted(self.sent)
             )
+            return
+        if not is_selected(info, self.client.client_id):
+            self.sent.add(round_no)  # not in this round's sample: no training, no update
             return
         if self.skip_round is not None and self.skip_round(round_no):
             self.sent.add(round_no)  # dropped out of this round (simulation)

@@ -11,6 +11,13 @@ larger than anything seen, so memory is n·8 bytes per element, independent of t
 of additions (n is 2-4 for typical float32 updates). Each `add` splits w into chunks q·2^e
 small enough that x·q is exact in float64, scales x·q to every limb with one outer product,
 truncates, and takes differences of neighbouring rows to get the digits.
+
+Fast path (the aggregator's hot loop): a float32 x is mant·2^(exp−150) with an integer
+mant < 2^24, so w·x for an integer weight w is an integer in units of 2^(16·bin − 150),
+bin = exp // 16. Such adds go to int64 "bins" (one row per bin, one column per element:
+one vectorised scatter per add, no float rounding anywhere); every |bin| < 2^39·Σw stays
+below 2^62 by flushing the bins into the limbs (`_flush`) before Σw reaches 2^23, and
+before anything reads the sum.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 LIMB_BITS = 48  # bits per digit; 2^(53-48) = 32 digits fit in a limb before a carry pass
@@ -27,6 +35,9 @@ _HEADROOM = 2 ** (53 - LIMB_BITS)  # |limb| < pending·2^B must stay ≤ 2^53 (e
 _BAND_BITS = 512  # widest exponent spread of float64 input deposited in one pass
 _TOP_BITS = 62  # result(): leading bits kept (round-to-odd) before rounding to 53
 _STATE_VERSION = 1
+_BIN_SHIFT = 4  # fast path: float32 exponents grouped in bins of 2^4 = 16 binades
+_FAST_MAX_WEIGHT = 2**20  # integer weights up to this take the fast path
+_FAST_LOAD = 2**23  # Σ weights between flushes: |bin| < 2^(24+15)·2^23 = 2^62
 
 # dtype → (bits dtype, |x| mask, Inf bits, mantissa bits, lowest-bit offset, bound offset)
 _FORMATS = {
@@ -48,10 +59,18 @@ class ExactSum:
         self._lo = 0  # absolute index of limb row 0
         self._limbs = torch.zeros((0, self._numel), dtype=torch.float64)  # (n, numel)
         self._pending = 0  # every |limb| < pending·2^LIMB_BITS
+        self._bins: np.ndarray | None = None  # fast path: (rows, numel) int64, row 0 = bin_lo
+        self._bin_lo = 0
+        self._bin_load = 0  # Σ weights added to the bins since the last flush
 
     @property
     def n_limbs(self) -> int:
         """Rows of the limb window (memory is n_limbs·8 bytes per element)."""
+        self._flush()
+        return self._rows
+
+    @property
+    def _rows(self) -> int:
         return int(self._limbs.shape[0])
 
     def add(self, value: torch.Tensor, weight: float = 1.0) -> None:
@@ -73,22 +92,25 @@ class ExactSum:
         """Add another accumulator's exact sum into this one (windows are aligned exactly)."""
         if other.shape != self.shape:
             raise ValueError(f"cannot merge shape {other.shape} into {self.shape}")
-        if other.n_limbs:
+        self._flush()
+        other._flush()
+        if other._rows:
             src = other._copy()
             if self._pending + src._pending > _HEADROOM:
                 self._normalize()
                 src._normalize()
-            self._cover(src._lo, src._lo + src.n_limbs - 1)
+            self._cover(src._lo, src._lo + src._rows - 1)
             start = src._lo - self._lo
-            self._limbs[start : start + src.n_limbs].add_(src._limbs)
+            self._limbs[start : start + src._rows].add_(src._limbs)
             self._pending += src._pending
         self.count += other.count
 
     def result(self) -> torch.Tensor:
         """The exact sum rounded once to float64 (round to nearest, ties to even)."""
-        if not self.n_limbs:
+        self._flush()
+        if not self._rows:
             return torch.zeros(self.shape, dtype=torch.float64)
-        digits = torch.zeros((self.n_limbs + 1, self._numel), dtype=torch.int64)  # +1: carry
+        digits = torch.zeros((self._rows + 1, self._numel), dtype=torch.int64)  # +1: carry
         digits[:-1] = self._limbs  # exact: |limb| < 2^53
         _propagate(digits)
         negative = digits[-1] < 0  # lower digits are in [0, 2^B): the top one has the sign
@@ -99,9 +121,10 @@ class ExactSum:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Checkpointable state: the limbs plus (version, limb bits, lo, pending, count)."""
+        self._flush()
         meta = [_STATE_VERSION, LIMB_BITS, self._lo, self._pending, self.count]
         return {
-            "limbs": self._limbs.reshape(self.n_limbs, *self.shape).clone(),
+            "limbs": self._limbs.reshape(self._rows, *self.shape).clone(),
             "meta": torch.tensor(meta, dtype=torch.int64),
             "shape": torch.tensor(self.shape, dtype=torch.int64),
         }
@@ -131,6 +154,9 @@ class ExactSum:
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
         x = _as_float(value)
+        if x.dtype == torch.float32 and w.is_integer() and w <= _FAST_MAX_WEIGHT:
+            self._add_f32_integer(x, int(w), block)
+            return
         bounds = _bit_range(x)  # raises on NaN/Inf, so bad values fail even with w == 0
         self.count += 1
         if bounds is None or w == 0.0 or x.numel() == 0:
@@ -140,6 +166,60 @@ class ExactSum:
             return
         for band in _bands(x, *bounds):
             self._deposit_f64(band, w, block)
+
+    def _add_f32_integer(self, x: torch.Tensor, w: int, block: tuple[int, ...]) -> None:
+        """Fast path: w·x into the int64 bins, exactly (x float32, 0 ≤ w ≤ 2^20 an integer)."""
+        bits = x.numpy().view(np.int32)
+        exp = (bits >> 23) & 0xFF
+        if exp.size and int(exp.max()) == 0xFF:
+            raise ValueError("values must be finite (got NaN or Inf)")
+        self.count += 1
+        if w == 0 or not exp.size:
+            return
+        if self._bin_load + w > _FAST_LOAD:
+            self._flush()
+        mant = (bits & 0x7FFFFF) | (np.minimum(exp, 1) << 23)  # subnormals: exp 0 as 1
+        exp = np.maximum(exp, 1)
+        value = mant.astype(np.int64) << (exp & ((1 << _BIN_SHIFT) - 1))
+        if w != 1:
+            value *= w
+        sign = bits >> 31  # 0 or -1
+        value ^= sign  # two's complement: -v = (v ^ -1) - (-1)
+        value -= sign
+        row = exp >> _BIN_SHIFT
+        self._cover_bins(int(row.min()), int(row.max()))
+        assert self._bins is not None
+        flat = (row - self._bin_lo).astype(np.int64) * self._numel
+        flat += _positions(self.shape, block)
+        np.add.at(self._bins.reshape(-1), flat, value)
+        self._bin_load += w
+
+    def _cover_bins(self, lo: int, hi: int) -> None:
+        """Grow the bin window with zero rows so that it spans bins lo..hi."""
+        if self._bins is None:
+            self._bins, self._bin_lo = np.zeros((hi - lo + 1, self._numel), np.int64), lo
+            return
+        top = self._bin_lo + len(self._bins) - 1
+        below, above = max(self._bin_lo - lo, 0), max(hi - top, 0)
+        if below or above:
+            grown = np.zeros((len(self._bins) + below + above, self._numel), np.int64)
+            grown[below : below + len(self._bins)] = self._bins
+            self._bins, self._bin_lo = grown, self._bin_lo - below
+
+    def _flush(self) -> None:
+        """Move the bins into the limbs: each int64 row as two exact ≤ 32-bit halves."""
+        bins, self._bins, self._bin_load = self._bins, None, 0
+        if bins is None:
+            return
+        for r in np.flatnonzero(bins.any(axis=1)).tolist():
+            unit = (self._bin_lo + r) * (1 << _BIN_SHIFT) - 150  # exponent of one bin unit
+            high = bins[r] >> 31  # floor: bins[r] = high·2^31 + low, 0 ≤ low < 2^31
+            low = bins[r] & ((1 << 31) - 1)
+            terms: list[_Term] = [
+                (torch.from_numpy(low.astype(np.float64)), 1, unit, unit, unit + 31),
+                (torch.from_numpy(high.astype(np.float64)), 1, unit + 31, unit + 31, unit + 63),
+            ]
+            self._deposit(terms, ())
 
     def _deposit_f64(self, x: torch.Tensor, w: float, block: tuple[int, ...]) -> None:
         """float64 values within one exponent band: split into two 26-bit halves, deposit."""
@@ -175,20 +255,20 @@ class ExactSum:
 
     def _cover(self, k0: int, k1: int) -> None:
         """Grow the window with zero rows so that it spans absolute limbs k0..k1."""
-        if not self.n_limbs:
+        if not self._rows:
             self._lo = k0
             self._limbs = torch.zeros((k1 - k0 + 1, self._numel), dtype=torch.float64)
             return
         below = max(self._lo - k0, 0)
-        above = max(k1 - (self._lo + self.n_limbs - 1), 0)
+        above = max(k1 - (self._lo + self._rows - 1), 0)
         if below or above:
-            grown = torch.zeros((self.n_limbs + below + above, self._numel), dtype=torch.float64)
-            grown[below : below + self.n_limbs] = self._limbs
+            grown = torch.zeros((self._rows + below + above, self._numel), dtype=torch.float64)
+            grown[below : below + self._rows] = self._limbs
             self._limbs, self._lo = grown, self._lo - below
 
     def _normalize(self) -> None:
         """One carry pass: every limb back below 2·2^B, so more digits can be added exactly."""
-        if self.n_limbs:
+        if self._rows:
             carry = torch.trunc(self._limbs / _RADIX)  # exact: power-of-two scaling
             self._limbs.sub_(carry, alpha=_RADIX)
             self._limbs[1:].add_(carry[:-1])
@@ -198,6 +278,7 @@ class ExactSum:
 
     def _copy(self) -> ExactSum:
         """An independent accumulator with the same state."""
+        self._flush()
         twin = ExactSum(self.shape)
         twin._lo, twin._pending, twin.count = self._lo, self._pending, self.count
         twin._limbs = self._limbs.clone()
@@ -244,6 +325,15 @@ def _terms(
     """
     parts = _weight_parts(w, 53 - bits)  # bits + chunk ≤ 53: piece·q is exact in float64
     return [(piece, q, e + shift, low + e + shift, high + n + e + shift) for q, e, n in parts]
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(shape: tuple[int, ...], block: tuple[int, ...]) -> np.ndarray:
+    """Flat indices, in a tensor of `shape`, of its leading `block` (all of it for `()`)."""
+    index = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    if block:
+        index = index[tuple(slice(0, b) for b in block)]
+    return np.ascontiguousarray(index).reshape(-1)
 
 
 def _as_float(value: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError, ModelError
 
-INIT_METHODS = ("lora-sb", "svd", "random")
+# The two federated inits run through the federation (fedsb.init_federated), not init_lora_sb.
+INIT_METHODS = ("lora-sb", "svd", "random", "lora-sb-federated", "lora-sb-federated-exact")
 
 # Target presets per architecture family (DESIGN §1.1), keyed by `config.model_type`.
 ENCODER_TARGETS = (

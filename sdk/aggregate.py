@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 
@@ -25,6 +26,7 @@ from .errors import ConfigError
 PADDINGS = ("replication", "zero", "hetlora")
 
 State = Mapping[str, torch.Tensor]
+Plan = tuple[str, list[str], tuple[int, ...], bool]  # group, keys, largest block, dense
 
 
 def aggregate(
@@ -68,6 +70,10 @@ class RoundSum:
             self.groups.setdefault(name, []).append(key)
         self.num = {g: ExactSum(self.stacked_shape(keys)) for g, keys in self.groups.items()}
         self.den = {g: ExactSum(self.weight_shape(g, keys)) for g, keys in self.groups.items()}
+        # Σ w of the updates that sent a whole group as one block shape: their presence mask is
+        # all ones, so an exact scalar per block replaces an ExactSum add of ones per update.
+        self.covered: dict[str, dict[tuple[int, ...], Fraction]] = {g: {} for g in self.groups}
+        self.plans: dict[tuple[object, ...], list[Plan]] = {}
 
     def stacked_shape(self, keys: list[str]) -> tuple[int, ...]:
         return (len(keys), *self.global_state[keys[0]].shape)  # (n, *shape)
@@ -81,24 +87,48 @@ class RoundSum:
         """Add one client's deltas with its weight (HetLoRA: the norm of each R delta)."""
         if not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"aggregation weights must be finite and non-negative, got {weight}")
-        check_update_shapes(self.global_state, update, rank)
-        for group, keys in self.groups.items():
-            present = [k for k in keys if k in update]
-            if not present:
-                continue
+        for group, keys, block, dense in self.plan(update, rank):
             w = weight
             if group.endswith(".R") and self.padding == "hetlora":
                 w = float(update[group].to(torch.float64).norm())
-            self.add_group(group, keys, update, w)
+            self.add_group(group, keys, update, w, block, dense)
 
-    def add_group(self, group: str, keys: list[str], update: State, weight: float) -> None:
+    def plan(self, update: State, rank: int | None) -> list[Plan]:
+        """Shapes checked, then (group, keys, largest block, dense) of each group the update has.
+
+        Dense: every key of the group is there with the same block shape (the usual case).
+        Remembered per shape signature: every client of a rank sends the same shapes.
+        """
+        signature = (rank, *((k, v.shape) for k, v in update.items()))
+        if signature in self.plans:
+            return self.plans[signature]
+        check_update_shapes(self.global_state, update, rank)
+        plan = []
+        for group, keys in self.groups.items():
+            shapes = [tuple(update[k].shape) for k in keys if k in update]
+            if shapes:
+                block = max(shapes)
+                plan.append((group, keys, block, shapes == [block] * len(keys)))
+        if len(self.plans) < 1024:
+            self.plans[signature] = plan
+        return plan
+
+    def add_group(
+        self,
+        group: str,
+        keys: list[str],
+        update: State,
+        weight: float,
+        block: tuple[int, ...],
+        dense: bool,
+    ) -> None:
         """Stack the group's deltas (zeros where a key is absent) and add them with their weights."""
-        block = max((tuple(update[k].shape) for k in keys if k in update), key=lambda s: s)
-        if all(k in update and tuple(update[k].shape) == block for k in keys):  # the usual case
-            values = torch.stack([update[k] for k in keys]).to(torch.float64)  # (n, *block)
-            mask = torch.ones_like(values)
-        else:
-            values, mask = self.stack_sparse(keys, update, block)
+        if dense:
+            self.num[group].add_block(torch.stack([update[k] for k in keys]), weight)
+            covered = self.covered[group]
+            covered[block] = covered.get(block, Fraction(0)) + Fraction(weight)
+            return
+        values, mask = self.stack_sparse(keys, update, block)
         self.num[group].add_block(values, weight)
         if len(self.den[group].shape) > 1:
             self.den[group].add_block(mask, weight)
@@ -124,12 +154,30 @@ class RoundSum:
         for group in self.num:
             self.num[group].merge(other.num[group])
             self.den[group].merge(other.den[group])
+            for block, total in other.covered[group].items():
+                self.covered[group][block] = self.covered[group].get(block, Fraction(0)) + total
 
-    def result(self) -> dict[str, torch.Tensor]:
-        """global + Σ w Δ / Σ w per entry; entries nobody trained keep their global value."""
+    def weight_sum(self, group: str) -> torch.Tensor:
+        """Σ w per entry (replication) or per tensor: sparse masks plus the covered blocks."""
+        den = ExactSum(self.den[group].shape)
+        den.merge(self.den[group])
+        for block, total in self.covered[group].items():
+            per_entry = len(den.shape) > 1  # (n, *block) of ones, or one per tensor
+            ones = torch.ones((den.shape[0], *block) if per_entry else den.shape)
+            for part in float_parts(total):
+                den.add_block(ones, part)
+        return den.result()
+
+    def result(self, noise: State | None = None) -> dict[str, torch.Tensor]:
+        """global + (Σ w Δ + noise) / Σ w per entry; entries nobody trained keep their global value.
+
+        `noise` (user-level DP) maps every key of the global state to a float64 tensor of its shape.
+        """
         new = {}
         for group, keys in self.groups.items():
-            num, den = self.num[group].result(), self.den[group].result()
+            num, den = self.num[group].result(), self.weight_sum(group)
+            if noise is not None:
+                num = num + torch.stack([noise[k] for k in keys])  # (n, *shape)
             den = den.reshape(den.shape + (1,) * (num.dim() - den.dim()))  # broadcast per tensor
             step = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
             for i, key in enumerate(keys):
@@ -138,6 +186,18 @@ class RoundSum:
                     value + step[i].to(value.dtype) if self.num[group].count else value.clone()
                 )
         return new
+
+
+def float_parts(total: Fraction) -> list[float]:
+    """Non-negative floats whose exact sum is `total` (≥ 0, a dyadic rational such as Σ w)."""
+    parts = []
+    while total:
+        part = float(total)
+        if Fraction(part) > total:
+            part = math.nextafter(part, 0.0)
+        parts.append(part)
+        total -= Fraction(part)
+    return parts
 
 
 def weighted_mean(deltas: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:

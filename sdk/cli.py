@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,21 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsb.aggregator.broker import start_embedded_broker
+from fedsb.aggregator.folded import FoldedModel, adapter_with_folds
+from fedsb.aggregator.init_phase import InitPhase
 from fedsb.aggregator.server import FederatedServer, RoundResult
 from fedsb.aggregator.service import AggregatorService
 from fedsb.edge_client.client import FederatedClient
 from fedsb.edge_client.service import ClientService
 
-from .adapter import adapter_state
+from .adapter import lora_layers
 from .config import JobConfig, config_to_dict, load_config
 from .errors import FedsbError
+from .init_federated import FEDERATED_INITS
 from .mqtt import parse_broker_url
 from .report import RunRecorder, adapter_description, save_adapter, summarise
+from .selection import sample_clients
 from .simulation import initial_server_model, prepare_fleet
 
 log = logging.getLogger("fedsb")
@@ -55,19 +59,19 @@ def client_delay(job: JobConfig, index: int) -> float:
     return job.simulation.slow_delay_s if slow else 0.0
 
 
+def client_backend(job: JobConfig, index: int) -> str:
+    """Training backend of simulated client `index`: simulation.backends cycled, else torch."""
+    backends = job.simulation.backends
+    return backends[index % len(backends)] if backends else "torch"
+
+
 def select_clients(
     job: JobConfig, clients: list[FederatedClient], round_no: int
 ) -> list[FederatedClient]:
     """The clients that train this round: a seeded sample of clients_per_round, less dropouts."""
-    k = job.federation.clients_per_round
-    picked = clients
-    if k is not None and k < len(clients):
-        generator = torch.Generator().manual_seed(job.seed * 7919 + round_no)
-        picked = [
-            clients[i]
-            for i in sorted(torch.randperm(len(clients), generator=generator)[:k].tolist())
-        ]
-    dropped = dropped_clients(job, [c.client_id for c in clients], round_no)
+    by_id = {c.client_id: c for c in clients}
+    picked = [by_id[i] for i in sample_clients(job, list(by_id), round_no)]
+    dropped = dropped_clients(job, list(by_id), round_no)
     return [c for c in picked if c.client_id not in dropped] or picked[:1]
 
 
@@ -82,6 +86,9 @@ class Simulation:
         self.fleet = prepare_fleet(job)
         model, method = initial_server_model(job, self.fleet)
         self.server = FederatedServer.from_model(job, model, method)
+        federated_init = job.adapter.init in FEDERATED_INITS
+        self.init_phase = InitPhase(job, model) if federated_init else None
+        self.init_traffic: dict[str, Any] = {}
         self.clients = [
             FederatedClient(
                 f"client-{i:04d}",
@@ -89,6 +96,7 @@ class Simulation:
                 self.fleet.train.select(shard),
                 job,
                 rank=job.client_rank(i),
+                backend=client_backend(job, i),
             )
             for i, shard in enumerate(self.fleet.shards)
         ]
@@ -102,10 +110,16 @@ class Simulation:
         self.frozen = (
             self.evaluator.evaluate()
         )  # ΔW = 0: the pretrained model with the initial head
-        self.adapter = self.server.adapter_payload()
-        self.evaluator.receive_adapter(self.adapter)
         self.recorder = RunRecorder(self.out, config_to_dict(job))
         self.cumulative = 0
+        if self.init_phase is None:
+            self.start_rounds()
+
+    def start_rounds(self, init_traffic: dict[str, Any] | None = None) -> None:
+        """After initialisation: the adapter, and round 0's metrics (with the init's traffic)."""
+        self.init_traffic = init_traffic or {}
+        self.adapter = self.server.adapter_payload()
+        self.evaluator.receive_adapter(self.adapter)
         self.evaluate_and_log(None, self.server.global_payload(), 0)
 
     def evaluate_and_log(self, result: RoundResult | None, payload: bytes, download: int) -> None:
@@ -121,11 +135,13 @@ class Simulation:
                 "loss": metrics["loss"],
                 "train_loss": result.mean_loss if result else 0.0,
                 "clients": len(result.clients) if result else 0,
-                "upload_bytes_per_client": upload // len(result.clients) if result else 0,
+                "upload_bytes_per_client": upload // max(len(result.clients), 1) if result else 0,
                 "download_bytes_per_client": download,
                 "adapter_download_bytes": len(self.adapter),
                 "cumulative_upload_bytes": self.cumulative,
             }
+            | (self.init_traffic if result is None else {})
+            | privacy_metrics(self.job, result)
         )
 
     def progress(self) -> Progress:
@@ -140,6 +156,8 @@ class Simulation:
 
     def run_inproc(self) -> None:
         """Messages handed over by function calls, clients trained one after another."""
+        if self.init_phase is not None:
+            self.run_init_inproc(self.init_phase)
         for client in self.clients:
             client.receive_adapter(self.adapter)
         with self.progress() as progress:
@@ -159,6 +177,18 @@ class Simulation:
                 progress.remove_task(step)
                 self.evaluate_and_log(result, self.server.global_payload(), len(payload))
                 progress.advance(rounds)
+
+    def run_init_inproc(self, phase: InitPhase) -> None:
+        """The federated init's passes by function calls, then round 0 as usual."""
+        with self.progress() as progress:
+            task = progress.add_task(f"{phase.mode} init replies", total=None)
+            while not phase.done:
+                for client in self.clients:
+                    phase.submit(client.client_id, client.init_reply(phase.request))
+                    progress.advance(task)
+                phase.close_pass()
+        self.server.set_initial_model(phase.model)
+        self.start_rounds(phase.traffic() | {"init_rejections": dict(phase.rejections)})
 
     def run_mqtt(self, broker_url: str | None, ca_file: str | None = None) -> None:
         """Aggregator and clients as threads talking only through a broker (embedded by default)."""
@@ -182,8 +212,19 @@ class Simulation:
                 download[0] = len(payload)
                 progress.advance(rounds)
 
+            def on_init_done(traffic: dict[str, Any]) -> None:
+                with lock:
+                    self.start_rounds(traffic)
+
             aggregator = AggregatorService(
-                self.job, self.server, address, state_dir, on_round_closed=on_round_closed
+                self.job,
+                self.server,
+                address,
+                state_dir,
+                on_round_closed=on_round_closed,
+                init_phase=self.init_phase,
+                on_init_done=on_init_done,
+                roster=[c.client_id for c in self.clients],
             )
             services = [
                 ClientService(
@@ -212,26 +253,53 @@ class Simulation:
             raise errors[0]
 
     def dropout_rule(self, client_id: str) -> Callable[[int], bool]:
+        """Simulated dropout of a selected client (the aggregator's round message selects)."""
+
         ids = [c.client_id for c in self.clients]
-        return lambda round_no: client_id in dropped_clients(self.job, ids, round_no)
+
+        def skip(round_no: int) -> bool:
+            trained = {c.client_id for c in select_clients(self.job, self.clients, round_no)}
+            return client_id in sample_clients(self.job, ids, round_no) and client_id not in trained
+
+        return skip
 
     def finish(self) -> dict[str, Any]:
         """Plots, final adapter, table; the run's summary (with the final global state)."""
         job = self.job
         self.recorder.plot(f"{job.name}: {job.federation.method}, {job.federation.clients} clients")
+        base = self.fleet.base_model  # W0 before any fold: FedEx and FLoRA save their change
+        start = {
+            name: base.get_submodule(name).weight for name in lora_layers(self.evaluator.model)
+        }
         save_adapter(
             self.out / "adapter",
-            adapter_state(self.evaluator.model, job.adapter.modules_to_save),
+            adapter_with_folds(self.evaluator.model, start, job.adapter.modules_to_save),
             adapter_description(job, self.fleet.split.train.label_names),
         )
         if not self.quiet:
             self.recorder.print_table(Console())
-        return summarise(self.recorder.rows) | {
+        summary = summarise(self.recorder.rows) | {
             "accuracy_frozen": self.frozen["accuracy"],
             "seconds": round(time.perf_counter() - self.started, 1),
             "final_state": self.server.broadcast,
             "rejections": dict(self.server.rejections),
+            "init_traffic": self.init_traffic,
         }
+        if "epsilon" in self.recorder.rows[-1]:  # private jobs: the ε reached
+            summary["epsilon"] = self.recorder.rows[-1]["epsilon"]
+        return summary
+
+
+def privacy_metrics(job: JobConfig, result: RoundResult | None) -> dict[str, Any]:
+    """The ε columns of a private job's metrics row: user-level ε, or the largest client ε."""
+    if job.privacy.mode == "user-dp":
+        return {"epsilon": result.epsilon if result else 0.0}
+    if job.privacy.mode == "dp-sgd":
+        return {
+            "epsilon": result.client_epsilon if result else 0.0,
+            "clients_budget_spent": len(result.budget_spent) if result else 0,
+        }
+    return {}
 
 
 def guarded(target: Callable[[], Any], errors: list[BaseException]) -> Callable[[], None]:
@@ -264,6 +332,67 @@ def run_simulation(
     return sim.finish()
 
 
+def run_light_simulation(
+    job: JobConfig,
+    out_dir: str | Path,
+    *,
+    broker_url: str | None = None,
+    ca_file: str | None = None,
+    connections: int = 8,
+) -> dict[str, Any]:
+    """The aggregator and `federation.clients` lightweight clients through a broker, no model.
+
+    Each client sends a seeded, pre-computed Fed-SB update (rank `adapter.rank`, 48 BERT-base
+    R blocks) when a round opens: a scale run of the transport and the aggregator.
+    """
+    from fedsb.aggregator.synthetic import synthetic_server
+    from fedsb.edge_client.light import LightFleet
+    from fedsb.synthetic import update_payload
+
+    if job.federation.method != "fedsb":
+        raise FedsbError("--light simulates Fed-SB updates only (federation.method = 'fedsb')")
+    fed = job.federation
+    payloads = [[update_payload(job, r, i) for i in range(fed.clients)] for r in range(fed.rounds)]
+    broker = start_embedded_broker() if broker_url is None else None
+    address = parse_broker_url(broker.url if broker else str(broker_url), ca_file=ca_file)
+    state_dir = Path(out_dir) / "aggregator"
+    shutil.rmtree(state_dir, ignore_errors=True)  # a simulation starts fresh
+    closed: list[tuple[float, int]] = []
+    aggregator = AggregatorService(
+        job,
+        synthetic_server(job),
+        address,
+        state_dir,
+        on_round_closed=lambda result, _: closed.append((time.time(), len(result.clients))),
+    )
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=guarded(aggregator.run, errors), name="aggregator")
+    try:
+        thread.start()
+        fleet = LightFleet(address, job.name, connections=connections)
+        try:
+            opened = fleet.run(lambda r, i: payloads[r][i], fed.clients, fed.rounds)
+        finally:
+            fleet.close()
+        thread.join()
+    finally:
+        if broker:
+            broker.stop()
+    if errors:
+        raise errors[0]
+    rounds = [
+        {"round": r, "clients": n, "seconds": round(t - opened[r], 3)}
+        for r, (t, n) in enumerate(closed)
+    ]
+    summary = {
+        "clients": fed.clients,
+        "rounds": rounds,
+        "rejections": dict(aggregator.server.rejections),
+    }
+    Path(out_dir, "light.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 # ---- commands -------------------------------------------------------------------------------
 
 
@@ -274,12 +403,23 @@ def simulate_command(args: argparse.Namespace) -> int:
             "federation.rounds": args.rounds,
             "federation.clients": args.clients,
             "federation.method": args.method,
+            "adapter.init": args.init,
             "seed": args.seed,
+            "simulation.backends": args.backends.split(",") if args.backends else None,
         }.items()
         if v is not None
     }
     job = load_config(args.config, overrides)
     out = Path(args.out or Path("runs") / job.name)
+    if args.light:
+        light = run_light_simulation(job, out, broker_url=args.broker, ca_file=args.ca_file)
+        for r in light["rounds"]:
+            console.print(
+                f"round {r['round'] + 1}: {r['clients']} updates in {r['seconds']:.2f} s "
+                f"({r['clients'] / max(r['seconds'], 1e-9):.0f} updates/s)"
+            )
+        console.print(f"rejected {light['rejections']}; outputs in {out}/")
+        return 0
     summary = run_simulation(
         job,
         out,
@@ -293,7 +433,22 @@ def simulate_command(args: argparse.Namespace) -> int:
         f"{100 * summary['accuracy_before']:.1f}% → {100 * summary['accuracy_after']:.1f}% "
         f"in {summary['rounds']} rounds, {summary['seconds']} s; outputs in {out}/"
     )
+    if summary["init_traffic"]:
+        console.print(init_line(summary["init_traffic"]))
+    if "epsilon" in summary:
+        console.print(
+            f"privacy ({job.privacy.mode}): ε = {summary['epsilon']} at δ = {job.privacy.delta}"
+        )
     return 0
+
+
+def init_line(traffic: dict[str, Any]) -> str:
+    """One line on a federated init's communication."""
+    return (
+        f"{traffic['init']} init: {traffic['init_passes']} passes over {traffic['init_clients']} "
+        f"clients, {traffic['init_upload_bytes_per_client']:,} B up and "
+        f"{traffic['init_download_bytes_per_client']:,} B down per client"
+    )
 
 
 def aggregator_command(args: argparse.Namespace) -> int:
@@ -302,20 +457,36 @@ def aggregator_command(args: argparse.Namespace) -> int:
     model, method = initial_server_model(job, fleet)
     server = FederatedServer.from_model(job, model, method)
     address = parse_broker_url(args.broker, ca_file=args.ca_file)
+    # Other methods than Fed-SB change more than the broadcast holds (FedEx, FLoRA fold into
+    # W0): replay every round on the server's model, as a client does, for the final adapter.
+    folded = None if method.name == "fedsb" else FoldedModel(job, model, method, args.state_dir)
 
     def report(result: RoundResult, payload: bytes) -> None:
+        if folded is not None:
+            folded.apply(payload)
         console.print(
             f"round {result.round + 1} closed: {len(result.clients)} updates, "
             f"train loss {result.mean_loss:.3f}, rejected so far {dict(server.rejections)}"
+            + "".join(f", {k} {v}" for k, v in privacy_metrics(job, result).items())
         )
 
     service = AggregatorService(
-        job, server, address, args.state_dir, on_round_closed=report, mqtt5=args.mqtt5
+        job,
+        server,
+        address,
+        args.state_dir,
+        on_round_closed=report,
+        mqtt5=args.mqtt5,
+        init_phase=InitPhase(job, model) if job.adapter.init in FEDERATED_INITS else None,
+        on_init_done=lambda traffic: console.print(init_line(traffic)),
     )
+    committed = service.checkpoint.load()
+    if folded is not None and committed is not None:
+        folded.catch_up(committed[0], committed[1])
     state_dir = service.run()
     save_adapter(  # Fed-SB: frozen B, A from the adapter, final R and head from the global
         Path(state_dir) / "adapter",
-        server.adapter | server.broadcast,
+        server.adapter | server.broadcast if folded is None else folded.adapter(),
         adapter_description(job, fleet.split.train.label_names),
     )
     console.print(f"job {job.name} done; final adapter in {state_dir}/adapter")
@@ -335,6 +506,7 @@ def client_command(args: argparse.Namespace) -> int:
         fleet.train.select(fleet.shards[args.data_shard]),
         job,
         rank=args.rank or job.client_rank(args.data_shard),
+        backend=args.backend,
     )
     address = parse_broker_url(args.broker, ca_file=args.ca_file)
     state_file = args.state_file or f".fedsb-client-{job.name}-{args.client_id}.json"
@@ -386,6 +558,43 @@ def add_broker_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--ca-file", default=None, help="CA certificate for mqtts:// brokers")
 
 
+def export_onnx_command(args: argparse.Namespace) -> int:
+    from fedsb.export import to_onnx_training
+
+    job = load_config(args.config)
+    with console.status("exporting the ONNX Runtime training artifacts"):
+        artifacts = to_onnx_training(args.adapter, args.out, job=job, optimizer=args.optimizer)
+    console.print(f"ONNX Runtime training artifacts in {artifacts.out_dir}/")
+    return 0
+
+
+def export_executorch_command(args: argparse.Namespace) -> int:
+    from fedsb.export import to_executorch
+
+    job = load_config(args.config)
+    with console.status("exporting ExecuTorch programs (minutes for a real model)"):
+        artifacts = to_executorch(
+            args.adapter,
+            args.out,
+            job=job,
+            xnnpack=args.xnnpack,
+            external_weights=args.external_weights,
+            max_batch=args.max_batch or max(2, job.federation.batch_size),
+            max_seq_len=args.max_seq_len or job.model.max_length,
+        )
+    console.print(f"ExecuTorch programs in {artifacts.out_dir}/")
+    return 0
+
+
+def export_peft_command(args: argparse.Namespace) -> int:
+    from fedsb.export import to_peft
+
+    with console.status("writing the PEFT export"):
+        out = to_peft(args.adapter, args.out, merged=args.merged)
+    console.print(f"{'merged model' if args.merged else 'PEFT LoRA adapter'} in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsb", description="Federated fine-tuning with Fed-SB.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -407,8 +616,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help="override federation.rounds")
     sim.add_argument("--clients", type=int, help="override federation.clients")
     sim.add_argument("--method", help="override federation.method")
+    sim.add_argument("--init", help="override adapter.init (e.g. lora-sb-federated)")
     sim.add_argument("--seed", type=int, help="override seed")
+    sim.add_argument(
+        "--backends",
+        help="comma-separated client backends cycled over clients, e.g. torch,onnxruntime "
+        "(overrides simulation.backends)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    sim.add_argument(
+        "--light",
+        action="store_true",
+        help="lightweight clients: seeded pre-computed Fed-SB updates, no model (scale runs)",
+    )
     sim.set_defaults(handler=simulate_command)
 
     agg = sub.add_parser(
@@ -439,6 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--state-file", default=None, help="where the rounds already sent are recorded"
     )
+    cli.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "executorch"],
+        default="torch",
+        help="training runtime (non-torch: federation.optimizer = 'sgd', dropout = false)",
+    )
     cli.set_defaults(handler=client_command)
 
     brk = sub.add_parser(
@@ -462,7 +688,65 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", default="runs/broker", help="where the mosquitto config and certificates go"
     )
     brk.set_defaults(handler=broker_command)
+
+    add_export_commands(sub, fmt)
     return parser
+
+
+def add_export_commands(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """`fedsb export onnx|peft|…`: artifacts for edge runtimes and standard adapters."""
+    exp = sub.add_parser("export", help="export a trained adapter for edge runtimes or PEFT")
+    formats = exp.add_subparsers(dest="format", required=True)
+
+    onnx = formats.add_parser(
+        "onnx",
+        help="ONNX Runtime training artifacts (only R and the head train)",
+        formatter_class=fmt,
+    )
+    onnx.add_argument("--config", required=True, help="the job file the adapter was trained with")
+    onnx.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
+    onnx.add_argument("--out", required=True, help="output folder")
+    onnx.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="sgd",
+        help="optimizer model (ORT's AdamW is the Hugging Face variant)",
+    )
+    onnx.set_defaults(handler=export_onnx_command)
+
+    et = formats.add_parser(
+        "executorch",
+        help="ExecuTorch training and inference programs (only R and the head train)",
+        formatter_class=fmt,
+    )
+    et.add_argument("--config", required=True, help="the job file the adapter was trained with")
+    et.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
+    et.add_argument("--out", required=True, help="output folder")
+    et.add_argument("--xnnpack", action="store_true", help="lower to the XNNPACK delegate")
+    et.add_argument(
+        "--external-weights",
+        action="store_true",
+        help="frozen weights in fedsb_weights.ptd instead of inside the .pte files",
+    )
+    et.add_argument(
+        "--max-batch", type=int, default=None, help="largest batch (default: federation.batch_size)"
+    )
+    et.add_argument(
+        "--max-seq-len", type=int, default=None, help="longest sequence (default: model.max_length)"
+    )
+    et.set_defaults(handler=export_executorch_command)
+
+    peft = formats.add_parser(
+        "peft",
+        help="a PEFT LoRA adapter (B' = s·B·R, A' = A) or a merged model",
+        formatter_class=fmt,
+    )
+    peft.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
+    peft.add_argument("--out", required=True, help="output folder")
+    peft.add_argument(
+        "--merged", action="store_true", help="a full transformers model with W0 + s·B·R·A"
+    )
+    peft.set_defaults(handler=export_peft_command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # torchao (an executorch dependency) warns on import about CUDA kernels
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

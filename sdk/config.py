@@ -46,9 +46,33 @@ class AdapterSection(Section):
     alpha: float | None = Field(None, gt=0)
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] = Field(default_factory=lambda: ["classifier"])
-    init: Literal["lora-sb", "svd", "random"] = "lora-sb"
-    init_samples: int = Field(64, ge=1)
+    init: Literal["lora-sb", "lora-sb-federated", "lora-sb-federated-exact", "svd", "random"] = (
+        "lora-sb"
+    )
+    init_samples: int = Field(
+        64, ge=1, description="init examples (federated inits: split over the clients)"
+    )
     init_lr: float = Field(1e-3, gt=0)
+    init_oversample: int = Field(
+        8, ge=0, description="lora-sb-federated: sketch columns beyond the rank (r + p)"
+    )
+    init_sketch_step: Literal["sign-factored", "gradient"] = Field(
+        "sign-factored",
+        description="lora-sb-federated: first step estimated from the sketched gradient G̃: "
+        "−η·sign(G̃) by row/column normalisation (Adafactor-style), or −G̃ scaled to RMS η",
+    )
+    init_clip_norm: float | None = Field(
+        None, gt=0, description="federated inits: each client's reply is clipped to this L2 norm"
+    )
+    init_noise_multiplier: float = Field(
+        0.0, ge=0, description="federated inits: Gaussian noise σ·init_clip_norm on the sums"
+    )
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> AdapterSection:
+        if self.init_noise_multiplier > 0 and self.init_clip_norm is None:
+            raise ValueError("adapter.init_noise_multiplier needs adapter.init_clip_norm")
+        return self
 
 
 class FederationSection(Section):
@@ -77,6 +101,20 @@ class FederationSection(Section):
         "truncate",
         description="truncate: a rank-k client computes with the k×k block; fold: full R, block trains",
     )
+    norm_bound: float | None = Field(
+        None, gt=0, description="largest L2 norm of one client's update (Byzantine defence)"
+    )
+    norm_bound_action: Literal["clip", "reject"] = Field(
+        "clip", description="what the aggregator does with an update above norm_bound"
+    )
+    aggregation: Literal["exact-mean", "median", "trimmed-mean"] = Field(
+        "exact-mean",
+        description="exact-mean: bit-exact weighted mean; median / trimmed-mean: coordinate-wise, "
+        "unweighted, robust to outliers but not exact",
+    )
+    trim_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="share of lowest and highest values trimmed-mean drops"
+    )
 
     @model_validator(mode="after")
     def _check_counts(self) -> FederationSection:
@@ -103,6 +141,52 @@ class SimulationSection(Section):
     slow_delay_s: float = Field(
         0.0, ge=0, description="extra seconds a slow client takes per round"
     )
+    backends: list[Literal["torch", "onnxruntime", "executorch"]] | None = Field(
+        None, description="training backend of each client, cycled over clients (default torch)"
+    )
+
+
+class PrivacySection(Section):
+    """Differential privacy: DP-SGD on every client, or user-level DP (DP-FedAvg) at the aggregator."""
+
+    mode: Literal["none", "dp-sgd", "user-dp"] = Field(
+        "none",
+        description="dp-sgd: per-example DP on clients; user-dp: per-client DP at the server",
+    )
+    epsilon: float | None = Field(None, gt=0, description="target ε (the budget)")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="Gaussian noise σ (in units of the clip norm) instead of epsilon"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="target δ")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus privacy accountant")
+    max_grad_norm: float = Field(1.0, gt=0, description="dp-sgd: per-example gradient clip norm")
+    grad_sample_mode: Literal["hooks", "ghost"] = Field(
+        "hooks", description="dp-sgd: per-sample gradients (hooks) or ghost clipping (norms only)"
+    )
+    budget_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="dp-sgd: local rounds a client's ε is spread over (default: the rounds it "
+        "expects to be selected for); a client stops once its budget is spent",
+    )
+    clip_norm: float = Field(1.0, gt=0, description="user-dp: clip norm C of each client delta")
+    client_sampling_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="user-dp: chance a client is in a round (default clients_per_round / clients)",
+    )
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacySection:
+        given = [k for k in ("epsilon", "noise_multiplier") if getattr(self, k) is not None]
+        if self.mode == "none" and given:
+            raise ValueError(f"privacy.{given[0]} is set but privacy.mode is 'none'")
+        if self.mode != "none" and len(given) != 1:
+            raise ValueError(
+                f"privacy.mode = {self.mode!r} needs exactly one of epsilon or noise_multiplier"
+            )
+        return self
 
 
 class JobConfig(Section):
@@ -115,9 +199,32 @@ class JobConfig(Section):
     adapter: AdapterSection = AdapterSection()
     federation: FederationSection = FederationSection()
     simulation: SimulationSection = SimulationSection()
+    privacy: PrivacySection = PrivacySection()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> JobConfig:
+        mode, fed = self.privacy.mode, self.federation
+        if mode == "dp-sgd" and fed.client_ranks and min(fed.client_ranks) < self.adapter.rank:
+            raise ValueError("privacy.mode = 'dp-sgd' needs every client at adapter.rank")
+        if mode == "user-dp":
+            if fed.method in ("fedex", "flora"):
+                raise ValueError(
+                    f"privacy.mode = 'user-dp' needs a linear aggregate; method {fed.method!r} "
+                    "also sends every client's B·A product"
+                )
+            if fed.weighting != "uniform":
+                raise ValueError(
+                    "privacy.mode = 'user-dp' needs federation.weighting = 'uniform' "
+                    "(example counts would change each client's sensitivity)"
+                )
+            if fed.aggregation != "exact-mean":
+                raise ValueError("privacy.mode = 'user-dp' needs aggregation = 'exact-mean'")
+        return self
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> JobConfig:
+        if self.adapter.init.startswith("lora-sb-federated") and self.federation.method != "fedsb":
+            raise ValueError(f"adapter.init = {self.adapter.init!r} needs method = 'fedsb'")
         ranks = self.federation.client_ranks or []
         if any(r > self.adapter.rank for r in ranks):
             raise ValueError(
@@ -125,6 +232,11 @@ class JobConfig(Section):
             )
         if ranks and self.federation.method != "fedsb":
             raise ValueError("heterogeneous client_ranks are supported by method = 'fedsb' only")
+        robust = self.federation.aggregation != "exact-mean"
+        if robust and any(r != self.adapter.rank for r in ranks):
+            raise ValueError("client_ranks below adapter.rank need aggregation = 'exact-mean'")
+        if robust and self.federation.method != "fedsb":
+            raise ValueError("robust aggregation is supported by method = 'fedsb' only")
         return self
 
     def lora_config(self) -> LoraSBConfig:

@@ -23,6 +23,10 @@ class WireFormatError(FedsbError):
     """An encoded message is malformed, oversized, non-finite or of the wrong shape or dtype."""
 
 
+class StateDirError(FedsbError):
+    """The aggregator's state directory cannot be written (disk full, read-only)."""
+
+
 class UpdateRejected(FedsbError):
     """A client update failed validation at the aggregator; `reason` is a short stable code."""
 

@@ -36,6 +36,11 @@ def init_lora_sb(
     layers = lora_layers(model)
     if not layers:
         raise ModelError("the model has no LoRA-SB layers: call apply_lora_sb first")
+    if config.init.startswith("lora-sb-federated"):
+        raise ConfigError(
+            f"init={config.init!r} runs across the clients: use the federation "
+            "(fedsb simulate / fedsb aggregator), see fedsb.init_federated"
+        )
     if config.init == "lora-sb":
         if batches is None:
             raise ConfigError("init='lora-sb' needs example batches to estimate the first step")

@@ -107,6 +107,19 @@ class Topics:
     def status(self, client: str) -> str:
         return f"{self.base}/status/{client}"
 
+    @property
+    def init_request(self) -> str:
+        """Federated init: the open pass's request (server → all, retained)."""
+        return f"{self.base}/init/request"
+
+    def init_reply(self, client: str) -> str:
+        """Federated init: a client's reply, chunked like the adapter (client → server)."""
+        return f"{self.base}/init/reply/{client}"
+
+    @property
+    def init_reply_all(self) -> str:
+        return f"{self.base}/init/reply/+"
+
     def client_of(self, topic: str) -> str:
         """The last topic level (the client id of an update or status topic)."""
         return topic.rsplit("/", 1)[-1]
@@ -136,6 +149,7 @@ class MqttConnection:
         mqtt5: bool = False,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        max_backlog: int | None = None,
     ) -> None:
         self.address = address
         self.mqtt5 = mqtt5
@@ -144,6 +158,12 @@ class MqttConnection:
         self.subscriptions = subscriptions
         self.max_packet = max_packet
         self.messages: queue.Queue[Message] = queue.Queue()
+        # Flow control: with `max_backlog`, paho's network thread waits in `_on_message` while
+        # that many messages are queued, so it stops reading the socket and TCP pushes back on
+        # the broker: the backlog stays with the broker, this process's memory stays flat.
+        self.max_backlog = max_backlog
+        self._room = threading.Condition()
+        self._unblocked = 0  # publishes waiting for their PUBACK (need the network thread), stop
         self.connected = threading.Event()
         self.refused: str | None = None
         if mqtt5:  # shared subscriptions, reason codes; the session is set at connect time
@@ -172,6 +192,9 @@ class MqttConnection:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        if mqtt5:  # reason codes are only meaningful (and logged) in MQTT 5
+            self.client.on_subscribe = self._on_subscribe
+            self.client.on_publish = self._on_publish
 
     def start(self, timeout_s: float = 15.0) -> MqttConnection:
         """Connect and start paho's network thread; wait (bounded) for the first CONNACK."""
@@ -204,15 +227,39 @@ class MqttConnection:
             self.connected.set()
             client.disconnect()
             return
+        if self.mqtt5:
+            log.info(
+                "connected to %s: CONNACK %s (session present %s) %s",
+                self.address.url,
+                reason_code,
+                flags.session_present,
+                properties or "",
+            )
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+        for code in reason_codes:
+            level = logging.WARNING if code.is_failure else logging.DEBUG
+            log.log(level, "SUBACK mid %d: %s", mid, code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:  # e.g. 0x87 Not authorized: an ACL denied the publish
+            log.warning("PUBACK mid %d: %s", mid, reason_code)
+        else:
+            log.debug("PUBACK mid %d: %s", mid, reason_code)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             log.warning("disconnected from %s: %s (paho reconnects)", self.address.url, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        if self.max_backlog:
+            with self._room:
+                self._room.wait_for(
+                    lambda: self._unblocked or self.messages.qsize() < (self.max_backlog or 0)
+                )
         self.messages.put(
             Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos)
         )
@@ -231,17 +278,37 @@ class MqttConnection:
                 f"message of {len(payload):,} bytes to {topic} exceeds the broker limit of {self.max_packet:,}"
             )
         info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == paho.MQTT_ERR_NO_CONN:
+            # broker down: paho keeps the QoS 1 message and sends it after reconnecting
+            info.rc = paho.MQTT_ERR_SUCCESS
         if wait_s is not None:
-            info.wait_for_publish(timeout=wait_s)
+            # Waiting for the PUBACK needs the network thread to read past a full backlog:
+            # let it queue beyond `max_backlog` meanwhile (publish with wait_s=None to avoid).
+            self._unblock(+1)
+            try:
+                info.wait_for_publish(timeout=wait_s)
+            finally:
+                self._unblock(-1)
+
+    def _unblock(self, delta: int) -> None:
+        """Let the network thread queue messages past `max_backlog` (+1) or stop doing so (-1)."""
+        with self._room:
+            self._unblocked += delta
+            self._room.notify_all()
 
     def get(self, timeout_s: float) -> Message | None:
         """The next message, or None after `timeout_s`."""
         try:
-            return self.messages.get(timeout=timeout_s)
+            message = self.messages.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        if self.max_backlog:
+            with self._room:
+                self._room.notify()
+        return message
 
     def stop(self) -> None:
         """Disconnect cleanly (no will message) and stop the network thread."""
+        self._unblock(+1)  # for good: the network thread must not wait for room any more
         self.client.disconnect()
         self.client.loop_stop()

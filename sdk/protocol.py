@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UpdateRejected, WireFormatError
-from .wire import decode_update, encode_update
+from .wire import decode_update, decode_update_views, encode_update
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 2**20
 
@@ -32,9 +32,11 @@ class UpdateMeta:
     rank: int
     examples: int
     loss: float
+    epsilon: float | None = None  # DP-SGD: ε the client has spent so far (optional field)
+    budget_spent: bool = False  # DP-SGD: no tensors, the client has stopped contributing
 
     def to_wire(self) -> dict[str, str]:
-        return {
+        wire = {
             "kind": "update",
             "job": self.job,
             "round": str(self.round),
@@ -43,6 +45,11 @@ class UpdateMeta:
             "examples": str(self.examples),
             "loss": repr(self.loss),
         }
+        if self.epsilon is not None:
+            wire["epsilon"] = repr(self.epsilon)
+        if self.budget_spent:
+            wire["budget_spent"] = "1"
+        return wire
 
 
 def encode_client_update(state: Mapping[str, torch.Tensor], meta: UpdateMeta) -> bytes:
@@ -92,7 +99,7 @@ def validate_update(
     if len(payload) > rules.max_bytes:
         raise UpdateRejected("oversize", f"{len(payload)} bytes > {rules.max_bytes}")
     try:
-        state, meta = decode_update(payload, max_bytes=rules.max_bytes)
+        state, meta = decode_update_views(payload, max_bytes=rules.max_bytes)
     except WireFormatError as err:
         raise UpdateRejected("malformed", str(err)) from None
     if meta.get("kind") != "update":
@@ -111,6 +118,13 @@ def validate_update(
     rank, examples = _int_field(meta, "rank"), _int_field(meta, "examples")
     if not 1 <= rank <= rules.max_rank:
         raise UpdateRejected("bad-rank", f"rank {rank} outside 1..{rules.max_rank}")
+    epsilon = _epsilon_field(meta)
+    if meta.get("budget_spent") == "1":  # a notice: the client's privacy budget is spent
+        if state:
+            raise UpdateRejected("bad-metadata", "a budget-spent notice carries no tensors")
+        return state, UpdateMeta(
+            rules.job, round_no, topic_client, rank, 0, math.nan, epsilon, True
+        )
     if examples < 1:
         raise UpdateRejected("bad-metadata", f"examples must be positive, got {examples}")
     check_shapes(state, rules.shapes, rank)
@@ -118,7 +132,20 @@ def validate_update(
         loss = float(meta.get("loss", "nan"))
     except ValueError:
         loss = math.nan
-    return state, UpdateMeta(rules.job, round_no, topic_client, rank, examples, loss)
+    return state, UpdateMeta(rules.job, round_no, topic_client, rank, examples, loss, epsilon)
+
+
+def _epsilon_field(meta: Mapping[str, str]) -> float | None:
+    """The optional ε a DP-SGD client reports: a non-negative number (inf for σ = 0)."""
+    if "epsilon" not in meta:
+        return None
+    try:
+        epsilon = float(meta["epsilon"])
+    except ValueError:
+        raise UpdateRejected("bad-metadata", "'epsilon' is not a number") from None
+    if not epsilon >= 0:  # also refuses nan
+        raise UpdateRejected("bad-metadata", f"'epsilon' must be non-negative, got {epsilon}")
+    return epsilon
 
 
 def check_shapes(
@@ -173,16 +200,32 @@ def join_chunks(chunks: Mapping[int, bytes], total: int, sha256_hex: str) -> byt
 
 
 def round_message(
-    round_no: int, *, global_sha256: str = "", deadline_s: float = 0.0, done: bool = False
+    round_no: int,
+    *,
+    global_sha256: str = "",
+    deadline_s: float = 0.0,
+    done: bool = False,
+    selected: list[str] | None = None,
 ) -> bytes:
-    """The retained `…/round` message: which round is open and which global state it uses."""
-    body = {
+    """The retained `…/round` message: which round is open and which global state it uses.
+
+    `selected`: the clients that train this round (a sample); absent when all of them do.
+    """
+    body: dict[str, Any] = {
         "round": round_no,
         "global_sha256": global_sha256,
         "deadline_s": deadline_s,
         "done": done,
     }
+    if selected is not None:
+        body["selected"] = selected
     return json.dumps(body).encode()
+
+
+def is_selected(round_info: Mapping[str, Any], client_id: str) -> bool:
+    """Whether a round message asks `client_id` to train (no `selected` list: everyone)."""
+    selected = round_info.get("selected")
+    return selected is None or client_id in selected
 
 
 def parse_round(message: bytes) -> dict[str, Any]:
@@ -193,3 +236,131 @@ def parse_round(message: bytes) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as err:
         raise WireFormatError(f"invalid round message: {err}") from None
     return dict(body)
+
+
+# ---- federated initialisation (DESIGN §1.2): one request per pass, one reply per client ----
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    """What the server asks in one pass of a federated init; `attempt` changes on every restart."""
+
+    job: str
+    attempt: str
+    pass_no: int
+    mode: str
+    sketch_seed: int
+    sketch_cols: int
+
+    def to_wire(self) -> dict[str, str]:
+        return {
+            "kind": "init-request",
+            "job": self.job,
+            "attempt": self.attempt,
+            "pass": str(self.pass_no),
+            "mode": self.mode,
+            "sketch_seed": str(self.sketch_seed),
+            "sketch_cols": str(self.sketch_cols),
+        }
+
+
+@dataclass(frozen=True)
+class InitReplyMeta:
+    """What a client says about its init reply."""
+
+    job: str
+    attempt: str
+    pass_no: int
+    client: str
+    examples: int
+
+    def to_wire(self) -> dict[str, str]:
+        return {
+            "kind": "init-reply",
+            "job": self.job,
+            "attempt": self.attempt,
+            "pass": str(self.pass_no),
+            "client": self.client,
+            "examples": str(self.examples),
+        }
+
+
+def encode_init_request(state: Mapping[str, torch.Tensor], request: InitRequest) -> bytes:
+    """A request message: the pass's server tensors (pass 1 of the sketch: the bases Q)."""
+    return encode_update(state, request.to_wire())
+
+
+def decode_init_request(payload: bytes, *, job: str) -> tuple[dict[str, torch.Tensor], InitRequest]:
+    """The tensors and fields of an init request of this job; WireFormatError otherwise."""
+    state, meta = decode_update(payload)
+    if meta.get("kind") != "init-request" or meta.get("job") != job:
+        raise WireFormatError(
+            f"expected an init request of job {job!r}, got {meta.get('kind')!r}/{meta.get('job')!r}"
+        )
+    try:
+        request = InitRequest(
+            job,
+            meta["attempt"],
+            int(meta["pass"]),
+            meta["mode"],
+            int(meta["sketch_seed"]),
+            int(meta["sketch_cols"]),
+        )
+    except (KeyError, ValueError) as err:
+        raise WireFormatError(f"invalid init request field: {err}") from None
+    return state, request
+
+
+def encode_init_reply(state: Mapping[str, torch.Tensor], meta: InitReplyMeta) -> bytes:
+    """A client's reply: its sketch (or gradient sum) of every adapted layer."""
+    return encode_update(state, meta.to_wire())
+
+
+@dataclass(frozen=True)
+class InitReplyRules:
+    """What the server accepts in the open init pass: exactly these layers with these shapes."""
+
+    job: str
+    attempt: str
+    pass_no: int
+    shapes: Mapping[str, tuple[int, ...]]
+    max_bytes: int = 4 * DEFAULT_MAX_UPDATE_BYTES  # an exact-mode reply is a full-weight upload
+
+
+def validate_init_reply(
+    payload: bytes, topic_client: str, rules: InitReplyRules
+) -> tuple[dict[str, torch.Tensor], InitReplyMeta]:
+    """Decode and check an init reply; raise UpdateRejected with a reason."""
+    if len(payload) > rules.max_bytes:
+        raise UpdateRejected("oversize", f"{len(payload)} bytes > {rules.max_bytes}")
+    try:
+        state, meta = decode_update(
+            payload, max_bytes=rules.max_bytes, expected_shapes=rules.shapes
+        )
+    except WireFormatError as err:
+        raise UpdateRejected("malformed", str(err)) from None
+    if meta.get("kind") != "init-reply":
+        raise UpdateRejected("bad-metadata", f"kind is {meta.get('kind')!r}, expected 'init-reply'")
+    if meta.get("job") != rules.job:
+        raise UpdateRejected("wrong-job", f"job {meta.get('job')!r} is not {rules.job!r}")
+    if meta.get("attempt") != rules.attempt or _int_field(meta, "pass") != rules.pass_no:
+        raise UpdateRejected(
+            "stale-init", f"init {meta.get('attempt')}/{meta.get('pass')} is not the open pass"
+        )
+    if meta.get("client") != topic_client:
+        raise UpdateRejected(
+            "client-mismatch", f"client {meta.get('client')!r} sent on {topic_client!r}"
+        )
+    if set(state) != set(rules.shapes):
+        raise UpdateRejected("missing-tensor", "an init reply must cover every adapted layer")
+    examples = _int_field(meta, "examples")
+    if examples < 1:
+        raise UpdateRejected("bad-metadata", f"examples must be positive, got {examples}")
+    return state, InitReplyMeta(rules.job, rules.attempt, rules.pass_no, topic_client, examples)
+
+
+def join_chunk_map(chunks: Mapping[int, bytes], total: int) -> bytes | None:
+    """The whole message once all `total` chunks are there (each already sha256-checked)."""
+    if len(chunks) < total:
+        return None
+    return b"".join(chunks[i] for i in range(total))

@@ -16,6 +16,7 @@ from .adapter import apply_lora_sb
 from .config import JobConfig
 from .data import DatasetSplit, load_dataset, partition
 from .init import init_lora_sb
+from .init_federated import FEDERATED_INITS
 from .methods import Method, get_method
 from .models import load_classifier
 from .training import Encoded, encode_texts, sequential_batches
@@ -69,7 +70,9 @@ def initial_server_model(job: JobConfig, fleet: FleetSetup) -> tuple[nn.Module, 
     lora = job.lora_config()
     method = get_method(job.federation.method)
     model = apply_lora_sb(copy.deepcopy(fleet.base_model), lora)
-    if method.name == "fedsb":
+    if lora.init in FEDERATED_INITS:
+        pass  # B, A, R stay zero until the federation's init phase sets them
+    elif method.name == "fedsb":
         batches = sequential_batches(init_examples(fleet, lora.init_samples, job.seed), 16)
         init_lora_sb(model, batches if lora.init == "lora-sb" else None, lora)
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import struct
@@ -35,6 +36,7 @@ import zlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -49,6 +51,7 @@ LAYOUT_KEY = "fedsb.layout"
 MAX_HEADER_BYTES = 2**20
 MAX_LAYOUT_CHARS = 4 * 2**20
 MAX_NDIM = 32
+CACHED_LAYOUT_CHARS = 4096  # layouts up to this size are decoded once and remembered
 
 _DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -227,11 +230,7 @@ def decode_update(
     that shape; names it lists may be absent from the message.
     """
     buf = _bounded_bytes(data, max_bytes)
-    header, data_len = _parse_header(buf)
-    user_meta, layout = _split_metadata(header.pop("__metadata__", None))
-    entries = _check_entries(header, data_len)
-    groups = _unpack_layout(layout, entries)
-    _check_contents(groups, entries, dtypes, expected_shapes)
+    groups, entries, _, user_meta = _checked_header(buf, dtypes, expected_shapes)
     stacked = _load(buf, entries)
     state: dict[str, torch.Tensor] = {}
     for key, names in groups:
@@ -241,6 +240,52 @@ def decode_update(
         for i, name in enumerate(names):
             state[name] = tensor[i].clone(memory_format=torch.contiguous_format)
     return dict(sorted(state.items())), user_meta
+
+
+def decode_update_views(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    dtypes: Collection[torch.dtype] = (torch.float32,),
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`decode_update` for the aggregator's hot path: the same checks (NaN/Inf rejected).
+
+    Each group is copied once out of `data` straight from the validated header offsets (no
+    safetensors round trip), and its tensors are row views of that private copy, not clones.
+    """
+    buf = _bounded_bytes(data, max_bytes)
+    groups, entries, spans, user_meta = _checked_header(buf, dtypes, expected_shapes)
+    base = len(buf) - sum(end - begin for begin, end in spans.values())  # where data starts
+    view = memoryview(buf)
+    state: dict[str, torch.Tensor] = {}
+    for key, names in groups:
+        code, shape = entries[key]
+        begin, end = spans[key]
+        raw = bytearray(view[base + begin : base + end])  # a private, aligned copy of the group
+        if begin == end:
+            tensor = torch.empty(shape, dtype=_CODE_DTYPES[code])
+        else:
+            tensor = torch.frombuffer(raw, dtype=_CODE_DTYPES[code]).view(shape)
+        _check_finite(tensor, names)
+        state.update(zip(names, tensor.unbind(0), strict=True))
+    return dict(sorted(state.items())), user_meta
+
+
+def _checked_header(
+    buf: bytes,
+    dtypes: Collection[torch.dtype],
+    expected_shapes: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[
+    list[tuple[str, list[str]]], dict[str, GroupKey], dict[str, tuple[int, int]], dict[str, str]
+]:
+    """Every check that needs the header only: (group key, names), entries, spans, metadata."""
+    header, data_len = _parse_header(buf)
+    user_meta, layout = _split_metadata(header.pop("__metadata__", None))
+    entries, spans = _check_entries(header, data_len)
+    groups = _unpack_layout(layout, entries)
+    _check_contents(groups, entries, dtypes, expected_shapes)
+    return groups, entries, spans, user_meta
 
 
 def _bounded_bytes(data: Any, max_bytes: int) -> bytes:
@@ -309,24 +354,26 @@ def _split_metadata(metadata: Any) -> tuple[dict[str, str], Any]:
     return user, metadata[LAYOUT_KEY]
 
 
-def _check_entries(header: dict[str, Any], data_len: int) -> dict[str, GroupKey]:
-    """Validate every tensor entry against the data size; return key -> (dtype code, shape)."""
+def _check_entries(
+    header: dict[str, Any], data_len: int
+) -> tuple[dict[str, GroupKey], dict[str, tuple[int, int]]]:
+    """Validate every tensor entry against the data size; key -> (dtype code, shape), span."""
     entries: dict[str, GroupKey] = {}
-    spans: list[tuple[int, int]] = []
+    spans: dict[str, tuple[int, int]] = {}
     for key, entry in header.items():
         code, shape, begin, end = _check_entry(key, entry)
         if end - begin != math.prod(shape) * _ITEMSIZE[code]:
             raise WireFormatError(f"tensor {key!r}: data_offsets do not match dtype and shape")
         entries[key] = (code, shape)
-        spans.append((begin, end))
+        spans[key] = (begin, end)
     position = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted(spans.values()):
         if begin != position:
             raise WireFormatError("tensor data_offsets overlap or leave gaps")
         position = end
     if position != data_len:
         raise WireFormatError(f"tensors cover {position} data bytes but the message has {data_len}")
-    return entries
+    return entries, spans
 
 
 def _check_entry(key: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
@@ -355,12 +402,12 @@ def _is_count(value: Any) -> bool:
 
 def _unpack_layout(layout: Any, entries: dict[str, GroupKey]) -> list[tuple[str, list[str]]]:
     """Decode the layout entry and match it with the header; return (group key, names) pairs."""
-    counts, prefixes, suffixes = _layout_fields(layout)
+    if isinstance(layout, str) and len(layout) <= CACHED_LAYOUT_CHARS:
+        counts, names = _names_of_layout(layout)  # every client of a job sends the same one
+    else:
+        counts, names = _names_of_layout.__wrapped__(layout)
     if len(counts) != len(entries):
         raise WireFormatError(f"layout lists {len(counts)} groups; header has {len(entries)}")
-    names = _front_decode(prefixes, suffixes)
-    if len(set(names)) != len(names):
-        raise WireFormatError("layout has duplicate tensor names")
     groups: list[tuple[str, list[str]]] = []
     start = 0
     for i, count in enumerate(counts):
@@ -370,9 +417,19 @@ def _unpack_layout(layout: Any, entries: dict[str, GroupKey]) -> list[tuple[str,
         shape = entries[key][1]
         if not shape or shape[0] != count:
             raise WireFormatError(f"group {key!r}: {count} names but first dim is {shape[:1]}")
-        groups.append((key, names[start : start + count]))
+        groups.append((key, list(names[start : start + count])))
         start += count
     return groups
+
+
+@functools.lru_cache(maxsize=256)
+def _names_of_layout(layout: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(group counts, distinct names) of a layout entry; WireFormatError if it is invalid."""
+    counts, prefixes, suffixes = _layout_fields(layout)
+    names = _front_decode(prefixes, suffixes)
+    if len(set(names)) != len(names):
+        raise WireFormatError("layout has duplicate tensor names")
+    return tuple(counts), tuple(names)
 
 
 def _layout_fields(layout: Any) -> tuple[list[int], list[int], list[str]]:
@@ -465,6 +522,9 @@ def _check_finite(tensor: torch.Tensor, names: list[str]) -> None:
     """Reject NaN/Inf in floating tensors, naming the first offending tensor."""
     if not tensor.is_floating_point():
         return
+    if tensor.dtype in (torch.float32, torch.float64):  # numpy's check is ~10x faster here
+        if bool(np.isfinite(tensor.numpy()).all()):
+            return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         row = int(torch.nonzero(~finite)[0][0])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,14 +17,24 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert different == []
 
 
-def test_mqtt_run_is_bit_identical_to_inproc_run(tiny_config, tmp_path):
-    job = tiny_config(clients=4, rounds=3, client_ranks=[2, 4, 4, 3])
+@pytest.mark.parametrize("per_round", [None, 2], ids=["all-clients", "sample-of-2"])
+def test_mqtt_run_is_bit_identical_to_inproc_run(tiny_config, tmp_path, per_round):
+    job = tiny_config(clients=4, rounds=3, client_ranks=[2, 4, 4, 3], clients_per_round=per_round)
     inproc = run_simulation(job, tmp_path / "inproc", transport="inproc", quiet=True)
     mqtt = run_simulation(job, tmp_path / "mqtt", transport="mqtt", quiet=True)
     assert_same_state(inproc["final_state"], mqtt["final_state"])
     assert inproc["accuracy_after"] == mqtt["accuracy_after"]
     assert mqtt["rejections"] == {}
     assert (tmp_path / "mqtt" / "aggregator" / "state.json").exists()
+    if per_round:  # the aggregator's round message selected the same sample of 2 each round
+        assert clients_per_round(tmp_path / "mqtt") == clients_per_round(tmp_path / "inproc")
+        assert clients_per_round(tmp_path / "mqtt") == [2, 2, 2]
+
+
+def clients_per_round(run_dir: Path) -> list[int]:
+    """How many clients each round aggregated, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["clients"] for row in rows if row["round"] > 0]
 
 
 @pytest.mark.parametrize("method", ["fedit", "flora"])

@@ -31,6 +31,7 @@ class TrainRequest:
     head_lr: float
     seed: int
     optimizer: str = "sgd"
+    dropout: bool = False  # only the torch backend can train with dropout
 
 
 class TrainingBackend(ABC):

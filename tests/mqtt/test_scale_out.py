@@ -100,7 +100,8 @@ def test_receive_maximum_bounds_what_the_broker_pushes_to_the_aggregator(mosquit
         time.sleep(0.5)
         assert aggregator.messages.qsize() == 5  # nothing more until we acknowledge
         # Note: after one `ack` mosquitto 2.0.11 + paho 2.2 refill more than one slot (seen: 9
-        # queued); that is why the aggregator's backlog still grows in `make bench`.
+        # queued), so the aggregator bounds its backlog itself: `MqttConnection(max_backlog=…)`
+        # stops reading the socket (tests/mqtt/test_flow_control.py).
     finally:
         aggregator.stop()
         publisher.stop()

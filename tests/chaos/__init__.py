@@ -1,0 +1,1 @@
+"""Fault-injection, fuzz and scale tests (`make test-chaos`)."""

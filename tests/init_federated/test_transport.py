@@ -1,0 +1,193 @@
+"""The federated init over MQTT: the same bits as in process, only sketches on the wire, a
+killed `fedsb aggregator` that restarts its init phase cleanly, chunked replies."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections import defaultdict
+
+import paho.mqtt.client as mqtt
+import torch
+from conftest import tiny_job
+from mqtt.helpers import Procs, aggregator_args, read_json, wait_until, write_job
+from safetensors.torch import load_file
+
+from fedsb.aggregator.broker import BrokerHandle, start_embedded_broker
+from fedsb.aggregator.init_service import InitService
+from fedsb.aggregator.server import FederatedServer
+from fedsb.aggregator.service import AggregatorService
+from fedsb.cli import guarded, run_simulation
+from fedsb.config import parse_config
+from fedsb.edge_client.service import ClientService
+from fedsb.init_federated import EXACT, SKETCH, sketch_columns
+from fedsb.methods import get_method
+from fedsb.mqtt import parse_broker_url
+from fedsb.protocol import adapter_chunks, parse_chunk
+from fedsb.wire import decode_update
+
+from .helpers import build, federated_job
+
+JOB_S = 180.0
+
+
+class InitSpy:
+    """A clean-session subscriber recording every message under `fedsb/{job}/init/`."""
+
+    def __init__(self, handle: BrokerHandle, job: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="init-spy")
+        self.paho.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
+        subscribed: queue.Queue[object] = queue.Queue()
+        self.paho.on_subscribe = lambda *_args: subscribed.put(True)
+        self.paho.connect(handle.host, handle.port, keepalive=30)
+        self.paho.loop_start()
+        self.paho.subscribe(f"fedsb/{job}/init/#", qos=1)
+        subscribed.get(timeout=10)
+
+    def replies(self) -> list[tuple[str, dict[str, torch.Tensor], dict[str, str], int]]:
+        """(topic client, tensors, metadata, bytes) of every reply, reassembled from its chunks."""
+        chunks: dict[str, dict[int, bytes]] = defaultdict(dict)
+        out = []
+        while not self.messages.empty():
+            topic, payload = self.messages.get()
+            if "/init/reply/" not in topic:
+                continue
+            client = topic.rsplit("/", 1)[1]
+            index, total, data = parse_chunk(payload)
+            chunks[client][index] = data
+            if len(chunks[client]) == total:
+                whole = b"".join(chunks.pop(client)[i] for i in range(total))
+                state, meta = decode_update(whole)
+                out.append((client, state, meta, len(whole)))
+        assert not chunks  # no reply left half-sent
+        return out
+
+    def close(self) -> None:
+        self.paho.disconnect()
+        self.paho.loop_stop()
+
+
+def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tmp_path):
+    raw_job = tiny_config(clients=3, rounds=2).model_dump(mode="json")
+    raw_job["adapter"] |= {"init": SKETCH, "init_samples": 24}
+    job = parse_config(raw_job)
+    inproc = run_simulation(job, tmp_path / "inproc", transport="inproc", quiet=True)
+    with start_embedded_broker() as broker:
+        spy = InitSpy(broker, job.name)
+        try:
+            over_mqtt = run_simulation(
+                job, tmp_path / "mqtt", transport="mqtt", broker_url=broker.url, quiet=True
+            )
+            time.sleep(0.5)  # the spy's last deliveries
+            replies = spy.replies()
+        finally:
+            spy.close()
+    final = inproc["final_state"]
+    assert all(torch.equal(final[k], over_mqtt["final_state"][k]) for k in final)
+    assert inproc["accuracy_before"] == over_mqtt["accuracy_before"]
+    assert inproc["accuracy_after"] == over_mqtt["accuracy_after"]
+    assert inproc["init_traffic"] == over_mqtt["init_traffic"]
+    assert over_mqtt["init_traffic"]["init_rejections"] == {}
+
+    hidden, inter = 32, 64  # the tiny BERT's widths; r + oversample = 12 sketch columns
+    cols = job.adapter.rank + job.adapter.init_oversample
+    assert sorted((m["client"], m["pass"]) for _, _, m, _ in replies) == [
+        (f"client-{i:04d}", p) for i in range(3) for p in "01"
+    ]
+    for client, state, meta, _ in replies:
+        assert meta["client"] == client and meta["kind"] == "init-reply"
+        assert len(state) == 12  # 2 layers × 6 adapted matrices, nothing else
+        for name, tensor in state.items():
+            d_out = inter if name.endswith("intermediate.dense") else hidden
+            d_in = inter if name.endswith("output.dense") and "attention" not in name else hidden
+            k = sketch_columns(cols, d_out, d_in)
+            assert tensor.dtype == torch.float32
+            assert tuple(tensor.shape) == ((d_out, k) if meta["pass"] == "0" else (k, d_in))
+    assert sum(size for *_, size in replies) == over_mqtt["init_traffic"]["init_upload_bytes"]
+
+
+def test_aggregator_killed_during_init_restarts_it(tiny_model_dir, tmp_path, mosquitto_broker):
+    """`fedsb aggregator` SIGKILLed in pass 0 (2 of 3 replies in): the restart redoes the phase."""
+    raw = tiny_job(tiny_model_dir, clients=3, rounds=1)
+    raw["adapter"] |= {"init": SKETCH, "init_samples": 24}
+    config = write_job(tmp_path / "job.toml", raw)
+    state_dir = tmp_path / "aggregator"
+    agg = aggregator_args(config, mosquitto_broker.url, state_dir)
+    address = parse_broker_url(mosquitto_broker.url)
+    lock = threading.Lock()
+    services = [
+        ClientService(c, address, state_file=tmp_path / f"{c.client_id}.json", compute_lock=lock)
+        for c in build(parse_config(raw)).clients
+    ]
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=guarded(s.run, errors), daemon=True) for s in services]
+    procs = Procs(tmp_path / "logs")
+    spy = InitSpy(mosquitto_broker, "tiny")
+    try:
+        first = procs.start("aggregator-1", *agg)
+        for t in threads[:2]:  # the quorum is 3: pass 0 cannot close yet
+            t.start()
+        replied: set[str] = set()
+
+        def two_replies() -> bool:
+            while not spy.messages.empty():
+                topic, _ = spy.messages.get()
+                if "/init/reply/" in topic:
+                    replied.add(topic.rsplit("/", 1)[1])
+            return len(replied) == 2
+
+        wait_until(two_replies, 90, "two init replies", procs.report)
+        first.kill(signal.SIGKILL)
+        assert not (state_dir / "init.json").exists()  # nothing of the phase was kept
+
+        second = procs.start("aggregator-2", *agg)
+        threads[2].start()
+        assert second.wait(time.monotonic() + JOB_S) == 0, procs.report()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and not any(t.is_alive() for t in threads)
+    finally:
+        for s in services:
+            s.done = True  # ends a thread still waiting (bounded by its 0.5 s poll)
+        spy.close()
+        procs.close()
+
+    log = second.stderr()
+    assert "lora-sb-federated init: 2 passes over 3 clients" in log, log
+    traffic = read_json(state_dir / "init.json")
+    # a reply of the killed attempt that was not acknowledged comes back, and is refused
+    assert set(traffic.pop("init_rejections")) <= {"stale-init"}
+    assert traffic["init_clients"] == 3
+    reference = run_simulation(parse_config(raw), tmp_path / "ref", transport="inproc", quiet=True)
+    final = load_file(str(state_dir / "global-00001.safetensors"))
+    assert sorted(final) == sorted(reference["final_state"])
+    assert all(torch.equal(final[k], reference["final_state"][k]) for k in final)
+    expected = {k: v for k, v in reference["init_traffic"].items() if k != "init_rejections"}
+    assert traffic == expected
+
+    # a third start finds the checkpointed init and the closed round: no init phase again
+    job = parse_config(raw)
+    fresh = build(job)
+    server = FederatedServer.from_model(job, fresh.model, get_method("fedsb"))
+    AggregatorService(job, server, address, state_dir, init_phase=fresh.phase)
+    assert fresh.phase.done and server.round == 1
+    initialised = load_file(str(state_dir / "init.safetensors"))
+    assert all(torch.equal(server.adapter[k], initialised[k]) for k in initialised)
+    assert all(torch.equal(server.broadcast[k], final[k]) for k in final)
+
+
+def test_a_reply_in_many_chunks_is_reassembled_in_any_order(tiny_model_dir, tmp_path):
+    fed = build(federated_job(tiny_model_dir, EXACT, clients=2))
+    service = InitService(fed.phase, None, None, tmp_path, 60.0)  # type: ignore[arg-type]
+    reply = fed.clients[0].init_reply(fed.phase.request)  # 66 KB: a full-weight upload
+    chunks = adapter_chunks(reply, chunk_bytes=10_000)
+    assert len(chunks) == 7
+    got = [service.collect("client-0000", chunk) for chunk in reversed(chunks)]
+    assert got == [None] * 6 + [reply]
+    assert fed.phase.submit("client-0000", reply) is None
+    corrupt = chunks[0][:-1] + bytes([chunks[0][-1] ^ 1])
+    assert service.collect("client-0001", corrupt) is None
+    assert fed.phase.rejections == {"malformed": 1}
