@@ -7,10 +7,10 @@ utterances of 32 tokens; plain SGD without dropout (what every edge backend trai
 The parent process builds the model once, saves the adapter folder, exports the ONNX Runtime
 artifacts (`fedsb.export.to_onnx_training`) and the ExecuTorch programs (portable and XNNPACK,
 `fedsb.export.to_executorch`), and saves the tokenised data. Each backend is then measured in
-its own fresh subprocess, so that its peak RSS is its own: the torch worker loads the model
+its own fresh subprocess, so that its peak RSS (VmHWM) is its own: the torch worker loads the model
 from the adapter folder (as a Jetson would), the ORT and ExecuTorch workers load only their
 artifacts. A worker runs `--warmup` steps, then `--steps` steps timed one by one through the
-backend's `train`, and reports the median, its peak RSS (ru_maxrss) and its RSS after imports.
+backend's `train`, and reports the median, its peak RSS and its RSS after imports.
 
 Run:  .venv/bin/python benchmarks/edge_step.py [--steps 20] [--threads 2]
 Output: a table on stdout and benchmarks/results/edge_step.json (ratios are to eager torch of
@@ -41,6 +41,10 @@ BATCH, MAX_LEN, RANK, LR = 8, 32, 16, 1e-2
 
 
 def rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would include the parent's, kept across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -159,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch/ORT intra-op threads")
+    parser.add_argument("--keep", type=Path, help="write the artifacts here and keep them")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,7 +171,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.work, args.steps, args.warmup, args.threads)))
         return
     with tempfile.TemporaryDirectory(prefix="fedsb-edge-step-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         exports = prepare(work)
         measured = {name: run_worker(name, work, args) | exports[name] for name in BACKENDS}
     base = measured["torch"].get("step_ms_median")

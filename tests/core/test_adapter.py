@@ -183,7 +183,10 @@ def test_missing_module_to_save(case: ModelCase) -> None:
         ({"rank": 0}, "rank must be a positive integer, got 0"),
         ({"rank": -3}, "rank must be a positive integer, got -3"),
         ({"rank": 2.0}, "rank must be a positive integer, got 2.0"),
-        ({"rank": 4, "init": "pissa"}, "init must be one of lora-sb, svd, random, got 'pissa'"),
+        (
+            {"rank": 4, "init": "pissa"},
+            "init must be one of lora-sb, svd, random, lora-sb-federated, lora-sb-federated-exact, got 'pissa'",
+        ),
         ({"rank": 4, "alpha": 0.0}, "alpha must be positive"),
         ({"rank": 4, "init_samples": 0}, "init_samples must be at least 1"),
     ],
