@@ -100,3 +100,15 @@ def check_job_matches(job: JobConfig, description: dict[str, Any]) -> None:
             f"config adapter.rank is {job.adapter.rank} but the adapter has rank "
             f"{description['adapter']['rank']}"
         )
+
+
+def model_for_export(
+    source: nn.Module | str | Path, job: JobConfig | None, out: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to export and the manifest extras: a model as given, or one rebuilt from an
+    adapter folder (its tokenizer is then copied into `out` and its label names returned)."""
+    if isinstance(source, nn.Module):
+        return source, {}
+    adapted = load_adapted_model(source, job)
+    adapted.tokenizer.save_pretrained(out / "tokenizer")
+    return adapted.model, {"label_names": adapted.description.get("label_names", [])}

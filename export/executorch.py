@@ -28,7 +28,7 @@ from torch.export import Dim, ExportedProgram
 from fedsb.config import JobConfig
 from fedsb.errors import ConfigError
 
-from .adapter_dir import load_adapted_model
+from .adapter_dir import model_for_export
 from .onnx import check_trainable, num_labels
 from .training_graph import (
     GRAPH_PREFIX,
@@ -115,14 +115,7 @@ def to_executorch(
     import_executorch()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {}
-    if isinstance(source, nn.Module):
-        model = source
-    else:
-        adapted = load_adapted_model(source, job)
-        model = adapted.model
-        adapted.tokenizer.save_pretrained(out / "tokenizer")
-        extra = {"label_names": adapted.description.get("label_names", [])}
+    model, extra = model_for_export(source, job, out)
     names = check_trainable(InferenceGraph(model))
     model = exportable_copy(model)
     vocab = int(getattr(model.config, "vocab_size", 100))

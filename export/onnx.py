@@ -31,7 +31,7 @@ from fedsb.adapter import lora_layers
 from fedsb.config import JobConfig
 from fedsb.errors import ConfigError, ModelError
 
-from .adapter_dir import load_adapted_model
+from .adapter_dir import model_for_export
 from .training_graph import (
     InferenceGraph,
     example_inputs,
@@ -86,14 +86,7 @@ def to_onnx_training(
         raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {}
-    if isinstance(source, nn.Module):
-        model = source
-    else:
-        adapted = load_adapted_model(source, job)
-        model = adapted.model
-        adapted.tokenizer.save_pretrained(out / "tokenizer")
-        extra = {"label_names": adapted.description.get("label_names", [])}
+    model, extra = model_for_export(source, job, out)
     graph = InferenceGraph(model)
     names = check_trainable(graph)
     hf_config: Any = model.config
