@@ -26,6 +26,7 @@ from fedsb.aggregator.server import FederatedServer
 from fedsb.config import parse_config
 from fedsb.methods import get_method
 from fedsb.protocol import UpdateMeta, encode_client_update, validate_update
+from fedsb.report import save_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
@@ -160,10 +161,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     )
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -132,6 +132,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedsb.report import save_figure
+
     labels = [f"{'Fed-SB' if r['method'] == 'fedsb' else 'FedIT'} r={r['rank']}" for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.bar(labels, [r["median_step_ms"] for r in rows], color=["C0", "C1", "C0", "C1"])
@@ -141,10 +143,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

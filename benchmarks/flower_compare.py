@@ -264,6 +264,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedsb.report import save_figure
+
     names = list(results)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.bar(names, [1000 * results[n]["median_overhead_s_after_first"] for n in names], color="C0")
@@ -279,10 +281,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     b.set(ylabel="MB per round (all clients)", title="bytes per round, up + down")
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

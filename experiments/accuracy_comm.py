@@ -26,6 +26,7 @@ import transformers  # noqa: E402
 
 from fedsb.cli import run_simulation  # noqa: E402
 from fedsb.config import load_config  # noqa: E402
+from fedsb.report import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
@@ -149,10 +150,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

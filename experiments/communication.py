@@ -40,6 +40,7 @@ from fedsb.protocol import (  # noqa: E402
     encode_broadcast,
     encode_client_update,
 )
+from fedsb.report import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
@@ -366,10 +367,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     )
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

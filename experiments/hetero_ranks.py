@@ -24,6 +24,7 @@ import transformers  # noqa: E402
 
 from fedsb.cli import run_simulation  # noqa: E402
 from fedsb.config import load_config  # noqa: E402
+from fedsb.report import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
@@ -105,10 +106,7 @@ def plot(summary: dict[str, Any], ranks: list[int], path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from fedsb.cli import Simulation  # noqa: E402
 from fedsb.config import JobConfig, load_config  # noqa: E402
 from fedsb.methods import get_method  # noqa: E402
 from fedsb.privacy import DPSGDSettings, train_private  # noqa: E402
+from fedsb.report import save_figure  # noqa: E402
 from fedsb.simulation import prepare_fleet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,10 +130,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set(title=f"{clients} clients (DP-SGD, δ=1e-5)", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def record(

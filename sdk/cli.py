@@ -693,6 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_export_paths(parser: argparse.ArgumentParser, *, with_config: bool) -> None:
+    """The arguments every export format takes: the adapter folder, the output folder."""
+    if with_config:
+        parser.add_argument(
+            "--config", required=True, help="the job file the adapter was trained with"
+        )
+    parser.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
 def add_export_commands(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """`fedsb export onnx|peft|…`: artifacts for edge runtimes and standard adapters."""
     exp = sub.add_parser("export", help="export a trained adapter for edge runtimes or PEFT")
@@ -703,9 +713,7 @@ def add_export_commands(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="ONNX Runtime training artifacts (only R and the head train)",
         formatter_class=fmt,
     )
-    onnx.add_argument("--config", required=True, help="the job file the adapter was trained with")
-    onnx.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
-    onnx.add_argument("--out", required=True, help="output folder")
+    add_export_paths(onnx, with_config=True)
     onnx.add_argument(
         "--optimizer",
         choices=["sgd", "adamw"],
@@ -719,9 +727,7 @@ def add_export_commands(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="ExecuTorch training and inference programs (only R and the head train)",
         formatter_class=fmt,
     )
-    et.add_argument("--config", required=True, help="the job file the adapter was trained with")
-    et.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
-    et.add_argument("--out", required=True, help="output folder")
+    add_export_paths(et, with_config=True)
     et.add_argument("--xnnpack", action="store_true", help="lower to the XNNPACK delegate")
     et.add_argument(
         "--external-weights",
@@ -741,8 +747,7 @@ def add_export_commands(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="a PEFT LoRA adapter (B' = s·B·R, A' = A) or a merged model",
         formatter_class=fmt,
     )
-    peft.add_argument("--adapter", required=True, help="adapter folder (runs/<job>/adapter)")
-    peft.add_argument("--out", required=True, help="output folder")
+    add_export_paths(peft, with_config=False)
     peft.add_argument(
         "--merged", action="store_true", help="a full transformers model with W0 + s·B·R·A"
     )

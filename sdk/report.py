@@ -57,10 +57,8 @@ class RunRecorder:
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.suptitle(title)
-        fig.tight_layout()
         path = self.out / "accuracy.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         return path
 
     def table(self) -> Table:
@@ -81,6 +79,16 @@ class RunRecorder:
 
     def print_table(self, console: Console | None = None) -> None:
         (console or Console()).print(self.table())
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure: one PNG per plot."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save_adapter(
