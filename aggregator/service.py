@@ -31,13 +31,14 @@ from fedsb.selection import default_client_ids, sample_clients
 from .init_phase import InitPhase
 from .init_service import InitService
 from .server import FederatedServer, RoundResult
-from .spool import SpoolWriter
+from .spool import SpoolLog, read_spool
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 RECEIVE_MAXIMUM = 256  # unacknowledged updates the broker may push to the aggregator at once
 MAX_BACKLOG = 64  # updates queued in this process; past that the socket is not read (flat memory)
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker queues for a stopped aggregator
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -60,21 +61,31 @@ class Checkpoint:
     """The state directory: global state per closed round, spooled updates of the open round."""
 
     directory: Path
+    writer: str = "aggregator"  # this process's spool log name (scale-out workers differ)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.log: SpoolLog | None = None
 
     def spool(self, round_no: int) -> Path:
         return self.directory / "spool" / f"round-{round_no:05d}"
 
     def save_update(self, round_no: int, client: str, payload: bytes) -> None:
-        """Spool one accepted update (file name: the client id in hex, so any id is safe)."""
+        """Spool one accepted update: appended to this writer's log of the round."""
         folder = self.spool(round_no)
+        if self.log is None or self.log.path.parent != folder:
+            self.close()
+            self.log = SpoolLog(folder, self.writer)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / f"{client.encode().hex()}.update", payload, durable=False)
+            self.log.append(client, payload)
         except OSError as err:
             raise self.unwritable(err, f"an update of round {round_no}") from err
+
+    def close(self) -> None:
+        """Close the open spool log (reopened, and a torn tail cut off, on the next write)."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def unwritable(self, err: OSError, what: str) -> StateDirError:
         """The one-line reason the aggregator stops: nothing it acknowledged is lost."""
@@ -86,9 +97,7 @@ class Checkpoint:
 
     def spooled(self, round_no: int) -> list[tuple[str, bytes]]:
         """(client, payload) of every accepted update of the round, in client order."""
-        folder = self.spool(round_no)
-        paths = sorted(folder.glob("*.update")) if folder.exists() else []
-        return sorted((bytes.fromhex(p.stem).decode(), p.read_bytes()) for p in paths)
+        return sorted(read_spool(self.spool(round_no)))
 
     def save_round(
         self, round_no: int, broadcast: dict[str, torch.Tensor], extra: dict[str, Any]
@@ -106,6 +115,7 @@ class Checkpoint:
             raise self.unwritable(err, f"the global state of round {round_no}") from err
         for old in sorted(self.directory.glob("global-*.safetensors"))[:-2]:
             old.unlink()
+        self.close()
         shutil.rmtree(self.spool(round_no - 1), ignore_errors=True)  # now folded into the global
 
     def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -115,6 +125,41 @@ class Checkpoint:
             return None
         state = json.loads(path.read_text())
         return int(state["round"]), load_file(str(self.directory / state["global"])), state
+
+
+def aggregator_connection(
+    address: BrokerAddress,
+    client_id: str,
+    subscriptions: list[str],
+    *,
+    mqtt5: bool,
+    max_packet: int | None = None,
+) -> MqttConnection:
+    """The aggregator's persistent session (manual acks, flow control); scale-out workers too."""
+    return MqttConnection(
+        address,
+        client_id,
+        subscriptions,
+        manual_ack=True,
+        # Flow control: at most MAX_BACKLOG updates wait in this process, the rest stay with
+        # the broker, so memory stays flat however many clients report. MQTT 5 (mosquitto;
+        # amqtt speaks 3.1.1 only) also asks for a Receive Maximum and logs reason codes.
+        mqtt5=mqtt5,
+        receive_maximum=RECEIVE_MAXIMUM if mqtt5 else None,
+        session_expiry_s=SESSION_EXPIRY_S if mqtt5 else None,
+        max_backlog=MAX_BACKLOG,
+        network_thread=False,
+        **({"max_packet": max_packet} if max_packet else {}),
+    )
+
+
+def admit(server: FederatedServer, selected: set[str] | None, client: str, payload: bytes) -> bool:
+    """Validate and sum one update of the open round; False when it is rejected (and counted)."""
+    if selected is not None and client not in selected:
+        server.rejections["not-selected"] += 1
+        log.warning("rejected update from %s: not selected for round %d", client, server.round)
+        return False
+    return server.submit(client, payload) is None
 
 
 class AggregatorService:
@@ -144,21 +189,14 @@ class AggregatorService:
         fed = job.federation
         self.quorum = fed.min_clients or fed.clients_per_round or fed.clients
         self.timeout_s = fed.round_timeout_s
-        self.connection = MqttConnection(
+        self.connection = aggregator_connection(
             address,
-            f"fedsb-aggregator-{job.name}",
-            [self.topics.update_all] + ([self.topics.init_reply_all] if init_phase else []),
-            manual_ack=True,
-            # Flow control: at most MAX_BACKLOG updates wait in this process, the rest stay with
-            # the broker, so memory stays flat however many clients report. MQTT 5 (mosquitto;
-            # amqtt speaks 3.1.1 only) also asks for a Receive Maximum and logs reason codes.
+            self.client_name(),
+            self.subscriptions(init=init_phase is not None),
             mqtt5=mqtt5,
-            receive_maximum=RECEIVE_MAXIMUM if mqtt5 else None,
-            max_backlog=MAX_BACKLOG,
-            **({"max_packet": max_packet} if max_packet else {}),
+            max_packet=max_packet,
         )
         self.deadline = 0.0
-        self.writer: SpoolWriter | None = None  # set while `run` serves the job
         self.on_init_done = on_init_done
         self.init = None
         if init_phase is not None:  # federated init: a phase before round 1 (or its checkpoint)
@@ -182,7 +220,6 @@ class AggregatorService:
     def run(self, *, max_seconds: float = 24 * 3600) -> Path:
         """Serve the job until its last round closes; return the state directory."""
         self.connection.start()
-        self.writer = SpoolWriter(self.checkpoint, self.connection)
         try:
             stop_at = time.monotonic() + max_seconds
             if self.init is not None:
@@ -199,10 +236,17 @@ class AggregatorService:
                 self.topics.round, round_message(self.server.round, done=True), retain=True
             )
         finally:
-            self.writer.close()
-            self.writer = None
             self.connection.stop()
+            self.checkpoint.close()
         return self.checkpoint.directory
+
+    def client_name(self) -> str:
+        """The MQTT client id of this process (its persistent session on the broker)."""
+        return f"fedsb-aggregator-{self.job.name}"
+
+    def subscriptions(self, *, init: bool) -> list[str]:
+        """What this process takes from the broker: every update (and init replies)."""
+        return [self.topics.update_all] + ([self.topics.init_reply_all] if init else [])
 
     def step(self) -> None:
         """Handle at most one message, then close the round if quorum or deadline is reached."""
@@ -210,18 +254,17 @@ class AggregatorService:
         if msg is not None and msg.topic.startswith(self.topics.base + "/update/"):
             client = self.topics.client_of(msg.topic)
             round_no = self.server.round
-            accepted = None
-            if self.selected is not None and client not in self.selected:
-                self.server.rejections["not-selected"] += 1
-                log.warning("rejected update from %s: not selected for round %d", client, round_no)
-            elif self.server.submit(client, msg.payload) is None:
-                accepted = client
+            accepted = client if admit(self.server, self.selected, client, msg.payload) else None
             self.keep(msg, round_no, accepted)
         elif msg is not None:
             self.keep(msg, self.server.round, None)
-        quorum = len(self.server.pending) >= self.quorum
+        self.check_round(len(self.server.pending))
+
+    def check_round(self, accepted: int) -> None:
+        """Close the round at quorum, or at the deadline once at least one update was accepted."""
+        quorum = accepted >= self.quorum
         late = time.monotonic() > self.deadline
-        if quorum or (late and self.server.pending):
+        if quorum or (late and accepted):
             self.close_round()
         elif late:
             log.warning(
@@ -230,20 +273,12 @@ class AggregatorService:
             self.deadline = time.monotonic() + self.timeout_s
 
     def keep(self, msg: Message, round_no: int, client: str | None) -> None:
-        """Spool an accepted update (client given), then ack: a crash loses nothing acked.
-
-        Inside `run` a writer thread does both, so the write overlaps the next decode.
-        """
-        if self.writer is not None:
-            self.writer.keep(msg, round_no, client)
-            return
+        """Spool an accepted update (client given), then ack: a crash loses nothing acked."""
         if client is not None:
             self.checkpoint.save_update(round_no, client, msg.payload)
         self.connection.ack(msg)
 
     def close_round(self) -> None:
-        if self.writer is not None:
-            self.writer.drain()  # the round's updates are all spooled before it commits
         result = self.server.close_round()
         self.checkpoint.save_round(
             self.server.round, self.server.broadcast, {"rejections": dict(self.server.rejections)}

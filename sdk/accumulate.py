@@ -178,15 +178,13 @@ class ExactSum:
             return
         if self._bin_load + w > _FAST_LOAD:
             self._flush()
-        mant = (bits & 0x7FFFFF) | (np.minimum(exp, 1) << 23)  # subnormals: exp 0 as 1
-        exp = np.maximum(exp, 1)
-        value = mant.astype(np.int64) << (exp & ((1 << _BIN_SHIFT) - 1))
+        row = exp >> _BIN_SHIFT  # subnormals (exp 0) share row 0 with exp 1..15
+        # w·x in units of 2^(16·row − 150): x·2^(150 − 16·row) = ±mant·2^(exp mod 16) (exp ≥ 1;
+        # a subnormal gives ±2·mant) is an integer below 2^39, exact in float64 and in int64.
+        value = np.ldexp(bits.view(np.float32).astype(np.float64), 150 - (row << _BIN_SHIFT))
+        value = value.astype(np.int64)
         if w != 1:
             value *= w
-        sign = bits >> 31  # 0 or -1
-        value ^= sign  # two's complement: -v = (v ^ -1) - (-1)
-        value -= sign
-        row = exp >> _BIN_SHIFT
         self._cover_bins(int(row.min()), int(row.max()))
         assert self._bins is not None
         flat = (row - self._bin_lo).astype(np.int64) * self._numel

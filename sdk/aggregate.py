@@ -65,9 +65,10 @@ class RoundSum:
         self.padding = padding
         stack_r = padding != "hetlora"  # HetLoRA weighs every R by its own norm: one sum each
         self.groups: dict[str, list[str]] = {}
-        for key, value in global_state.items():
+        for key, value in sorted(global_state.items()):  # sorted: the wire's stacking order
             name = f"R{tuple(value.shape)}" if stack_r and key.endswith(".R") else key
             self.groups.setdefault(name, []).append(key)
+        self.group_names = {group: tuple(keys) for group, keys in self.groups.items()}
         self.num = {g: ExactSum(self.stacked_shape(keys)) for g, keys in self.groups.items()}
         self.den = {g: ExactSum(self.weight_shape(g, keys)) for g, keys in self.groups.items()}
         # Σ w of the updates that sent a whole group as one block shape: their presence mask is
@@ -99,7 +100,13 @@ class RoundSum:
         Dense: every key of the group is there with the same block shape (the usual case).
         Remembered per shape signature: every client of a rank sends the same shapes.
         """
-        signature = (rank, *((k, v.shape) for k, v in update.items()))
+        groups = getattr(update, "groups", None)  # a decoded message: its layout says it all
+        items = (
+            ((n, t.shape) for n, t in groups)
+            if groups is not None
+            else ((k, v.shape) for k, v in update.items())
+        )
+        signature = (rank, *items)
         if signature in self.plans:
             return self.plans[signature]
         check_update_shapes(self.global_state, update, rank)
@@ -124,7 +131,10 @@ class RoundSum:
     ) -> None:
         """Stack the group's deltas (zeros where a key is absent) and add them with their weights."""
         if dense:
-            self.num[group].add_block(torch.stack([update[k] for k in keys]), weight)
+            stacked = self.stacked_on_wire(group, update)
+            if stacked is None:
+                stacked = torch.stack([update[k] for k in keys])
+            self.num[group].add_block(stacked, weight)
             covered = self.covered[group]
             covered[block] = covered.get(block, Fraction(0)) + Fraction(weight)
             return
@@ -134,6 +144,14 @@ class RoundSum:
             self.den[group].add_block(mask, weight)
         else:
             self.den[group].add(mask.flatten(1).amax(dim=1), weight)  # (n,): key present or not
+
+    def stacked_on_wire(self, group: str, update: State) -> torch.Tensor | None:
+        """The decoded message's own stacked tensor of exactly this group's keys, if it has one."""
+        names = self.group_names[group]
+        for wire_names, tensor in getattr(update, "groups", ()):
+            if wire_names == names:
+                return tensor
+        return None
 
     @staticmethod
     def stack_sparse(

@@ -12,6 +12,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -149,12 +150,23 @@ class MqttConnection:
         mqtt5: bool = False,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        session_expiry_s: int | None = None,
         max_backlog: int | None = None,
+        network_thread: bool = True,
     ) -> None:
         self.address = address
+        # network_thread=False: no paho thread; `get` and `publish` run paho's loop in the
+        # caller's thread. One thread then does everything, with no GIL hand-offs between a
+        # reader and a consumer (the aggregator's hot path); the backlog is what one read gives.
+        self.network_thread = network_thread
+        self._reconnect_at = 0.0  # caller-driven loop: when to try the next reconnect
+        self._reconnect_delay = 1.0
         self.mqtt5 = mqtt5
         self.clean_start = clean_start
         self.receive_maximum = receive_maximum  # MQTT 5: at most this many unacked deliveries
+        # MQTT 5: how long the broker keeps the session (queued and unacked messages) after a
+        # disconnect; without it a v5 session ends with the connection, even with clean_start off.
+        self.session_expiry_s = session_expiry_s
         self.subscriptions = subscriptions
         self.max_packet = max_packet
         self.messages: queue.Queue[Message] = queue.Queue()
@@ -203,6 +215,8 @@ class MqttConnection:
                 properties = Properties(PacketTypes.CONNECT)
                 if self.receive_maximum:
                     properties.ReceiveMaximum = self.receive_maximum
+                if self.session_expiry_s:
+                    properties.SessionExpiryInterval = self.session_expiry_s
                 self.client.connect(
                     self.address.host,
                     self.address.port,
@@ -214,7 +228,12 @@ class MqttConnection:
                 self.client.connect(self.address.host, self.address.port, keepalive=30)
         except (OSError, ssl.SSLError) as err:
             raise TransportError(f"cannot reach the broker at {self.address.url}: {err}") from err
-        self.client.loop_start()
+        if self.network_thread:
+            self.client.loop_start()
+        else:
+            deadline = time.monotonic() + timeout_s
+            while not self.connected.is_set() and time.monotonic() < deadline:
+                self.client.loop(timeout=0.05)
         if not self.connected.wait(timeout_s) or self.refused:
             self.stop()
             why = self.refused or f"no answer within {timeout_s:.0f} s"
@@ -237,6 +256,7 @@ class MqttConnection:
             )
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
+        self._reconnect_delay = 1.0
         self.connected.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
@@ -255,7 +275,7 @@ class MqttConnection:
             log.warning("disconnected from %s: %s (paho reconnects)", self.address.url, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        if self.max_backlog:
+        if self.max_backlog and self.network_thread:
             with self._room:
                 self._room.wait_for(
                     lambda: self._unblocked or self.messages.qsize() < (self.max_backlog or 0)
@@ -281,7 +301,11 @@ class MqttConnection:
         if info.rc == paho.MQTT_ERR_NO_CONN:
             # broker down: paho keeps the QoS 1 message and sends it after reconnecting
             info.rc = paho.MQTT_ERR_SUCCESS
-        if wait_s is not None:
+        if wait_s is not None and not self.network_thread:
+            deadline = time.monotonic() + wait_s
+            while not info.is_published() and time.monotonic() < deadline:
+                self.pump(min(0.05, deadline - time.monotonic()))
+        elif wait_s is not None:
             # Waiting for the PUBACK needs the network thread to read past a full backlog:
             # let it queue beyond `max_backlog` meanwhile (publish with wait_s=None to avoid).
             self._unblock(+1)
@@ -298,6 +322,14 @@ class MqttConnection:
 
     def get(self, timeout_s: float) -> Message | None:
         """The next message, or None after `timeout_s`."""
+        if not self.network_thread:
+            deadline = time.monotonic() + timeout_s
+            while self.messages.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.pump(min(left, 1.0))
+            return self.messages.get_nowait()
         try:
             message = self.messages.get(timeout=timeout_s)
         except queue.Empty:
@@ -307,8 +339,30 @@ class MqttConnection:
                 self._room.notify()
         return message
 
+    def pump(self, timeout_s: float) -> None:
+        """Caller-driven loop: read/write what the socket has (waiting up to `timeout_s`).
+
+        Also reconnects after a lost connection, with exponential backoff (1 s doubling to
+        30 s) as paho's own thread does; the session (clean_start false) keeps what was queued.
+        """
+        if self.client.loop(timeout=max(timeout_s, 0.0)) == paho.MQTT_ERR_SUCCESS:
+            return
+        now = time.monotonic()
+        if now < self._reconnect_at:
+            time.sleep(min(timeout_s, self._reconnect_at - now))
+            return
+        self._reconnect_at = now + self._reconnect_delay
+        self._reconnect_delay = min(2 * self._reconnect_delay, 30.0)
+        try:
+            self.client.reconnect()
+        except (OSError, ssl.SSLError) as err:
+            log.warning("reconnecting to %s failed: %s (retrying)", self.address.url, err)
+
     def stop(self) -> None:
         """Disconnect cleanly (no will message) and stop the network thread."""
         self._unblock(+1)  # for good: the network thread must not wait for room any more
         self.client.disconnect()
-        self.client.loop_stop()
+        if self.network_thread:
+            self.client.loop_stop()
+        else:
+            self.client.loop(timeout=0.05)  # let the DISCONNECT go out

@@ -11,7 +11,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,6 +83,9 @@ class UpdateRules:
     shapes: Mapping[str, tuple[int, ...]]  # full shape of every uploadable tensor
     max_rank: int
     max_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    # (rank, wire groups' names and shapes) already checked against `shapes`: every client of
+    # a rank sends the same layout, so the per-tensor check runs once per layout.
+    checked_layouts: set[tuple[Any, ...]] = field(default_factory=set, compare=False, repr=False)
 
 
 def _int_field(meta: Mapping[str, str], key: str) -> int:
@@ -127,7 +130,11 @@ def validate_update(
         )
     if examples < 1:
         raise UpdateRejected("bad-metadata", f"examples must be positive, got {examples}")
-    check_shapes(state, rules.shapes, rank)
+    layout = (rank, *((names, t.shape) for names, t in state.groups))
+    if layout not in rules.checked_layouts:
+        check_shapes(state, rules.shapes, rank)
+        if len(rules.checked_layouts) < 1024:
+            rules.checked_layouts.add(layout)
     try:
         loss = float(meta.get("loss", "nan"))
     except ValueError:

@@ -67,6 +67,16 @@ _HEADER_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 GroupKey = tuple[str, tuple[int, ...]]
 
 
+class DecodedUpdate(dict[str, torch.Tensor]):
+    """name → tensor, as decoded; `groups` also gives the stacked tensors they are rows of.
+
+    `groups`: (sorted names, tensor of shape (len(names), *shape)) per same-shape group, so
+    the aggregator can sum a whole group at once without stacking it again.
+    """
+
+    groups: list[tuple[tuple[str, ...], torch.Tensor]]
+
+
 # ---------------------------------------------------------------- encoding
 
 
@@ -259,6 +269,7 @@ def decode_update_views(
     base = len(buf) - sum(end - begin for begin, end in spans.values())  # where data starts
     view = memoryview(buf)
     state: dict[str, torch.Tensor] = {}
+    stacked: list[tuple[tuple[str, ...], torch.Tensor]] = []
     for key, names in groups:
         code, shape = entries[key]
         begin, end = spans[key]
@@ -269,7 +280,10 @@ def decode_update_views(
             tensor = torch.frombuffer(raw, dtype=_CODE_DTYPES[code]).view(shape)
         _check_finite(tensor, names)
         state.update(zip(names, tensor.unbind(0), strict=True))
-    return dict(sorted(state.items())), user_meta
+        stacked.append((tuple(names), tensor))
+    update = DecodedUpdate(sorted(state.items()))
+    update.groups = stacked
+    return update, user_meta
 
 
 def _checked_header(

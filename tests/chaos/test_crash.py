@@ -109,10 +109,10 @@ def test_full_disk_stops_the_aggregator_and_loses_nothing(tmp_path, broker_dir):
     everyone = list(range(6))
     with mosquitto(broker_dir) as url, light_fleet(url, job, connections=1) as fleet:
         aggs = Aggregators(job, url, tmp_path)
-        # the spool file of client 3's round-1 update is written through /dev/full: ENOSPC
+        # the aggregator's round-1 spool log is written through /dev/full: ENOSPC
         spool = aggs.state_dir / "spool" / "round-00001"
         spool.mkdir(parents=True)
-        full = spool / f".{client_id(3).encode().hex()}.update.tmp"
+        full = spool / "aggregator.log"
         os.symlink("/dev/full", full)
         try:
             first = aggs.start()
@@ -130,7 +130,7 @@ def test_full_disk_stops_the_aggregator_and_loses_nothing(tmp_path, broker_dir):
                 "updates stay with the broker"
             )
             assert aggs.state()["round"] == 1  # round 0 committed and intact
-            assert client_id(3) not in aggs.spooled(1)
+            assert aggs.spooled(1) == []  # the first round-1 write failed: nothing of it spooled
 
             full.unlink()  # space again
             second = aggs.start()

@@ -229,7 +229,6 @@ def test_killed_aggregator_resumes_and_matches_inproc(tiny_model_dir, tmp_path, 
 
 def crash(service: AggregatorService) -> None:
     """What a SIGKILL does to the aggregator's connection: the socket closes, no DISCONNECT."""
-    service.connection.client.loop_stop()
     sock = service.connection.client.socket()
     if sock is not None:
         sock.close()
@@ -246,8 +245,13 @@ def publish_and_step(
             publisher.publish(service.topics.update(cid), payload)  # waits for the PUBACK
     finally:
         publisher.stop()
-    received = service.connection.messages
-    wait_until(lambda: received.qsize() == len(updates), 10, "every delivery")
+    connection, received = service.connection, service.connection.messages
+
+    def delivered() -> bool:
+        connection.pump(0.02)  # the aggregator's connection reads only when it is driven
+        return received.qsize() == len(updates)
+
+    wait_until(delivered, 10, "every delivery")
     service.deadline = time.monotonic() + 60  # no deadline close in these steps
     for _ in range(steps):
         service.step()
