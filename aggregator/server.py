@@ -41,6 +41,19 @@ class RoundResult:
     budget_spent: list[str] = field(default_factory=list)  # dp-sgd: clients that stopped
 
 
+@dataclass
+class RoundPart:
+    """One scale-out worker's share of the open round: what `FederatedServer.merge` adds."""
+
+    round: int
+    pending: dict[str, tuple[UpdateMeta, int]]
+    uploads: dict[str, dict[str, torch.Tensor]]
+    round_sum: RoundSum | None
+    rejections: Counter[str]
+    client_epsilon: dict[str, float]
+    budget_spent: set[str]
+
+
 class FederatedServer:
     """Holds the global state of a job; one round open at a time."""
 
@@ -151,18 +164,37 @@ class FederatedServer:
         self.pending[client_id] = (meta, len(payload))
         return None
 
-    def merge(self, other: FederatedServer) -> None:
+    def part(self) -> RoundPart:
+        """This server's share of the open round (a scale-out worker hands it to the coordinator)."""
+        return RoundPart(
+            self.round,
+            dict(self.pending),
+            dict(self.uploads),
+            self.round_sum,
+            Counter(self.rejections),
+            dict(self.client_epsilon),
+            set(self.budget_spent),
+        )
+
+    def merge(self, other: FederatedServer | RoundPart) -> None:
         """Scale-out: add another worker's accepted updates of the same round (exact, any order)."""
-        if other.round != self.round:
-            raise FedsbError(f"cannot merge round {other.round} into round {self.round}")
-        overlap = sorted(set(self.pending) & set(other.pending))
+        part = other.part() if isinstance(other, FederatedServer) else other
+        if part.round != self.round:
+            raise FedsbError(f"cannot merge round {part.round} into round {self.round}")
+        overlap = sorted(set(self.pending) & set(part.pending))
         if overlap:
             raise FedsbError(f"clients {overlap[:5]} were accepted by both workers")
-        if self.round_sum is not None and other.round_sum is not None:
-            self.round_sum.merge(other.round_sum)
-        self.uploads |= other.uploads
-        self.pending |= other.pending
-        self.rejections.update(other.rejections)
+        if self.round_sum is not None and part.round_sum is not None:
+            self.round_sum.merge(part.round_sum)
+        self.uploads |= part.uploads
+        self.pending |= part.pending
+        self.merge_counts(part)
+
+    def merge_counts(self, part: RoundPart) -> None:
+        """Add a worker's rejection counts and what its clients said of their privacy budget."""
+        self.rejections.update(part.rejections)
+        self.client_epsilon |= part.client_epsilon
+        self.budget_spent |= part.budget_spent
 
     def close_round(self) -> RoundResult:
         """Aggregate the accepted updates (in client-id order) and open the next round."""

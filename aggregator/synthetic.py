@@ -23,6 +23,7 @@ from fedsb.synthetic import initial_global
 
 from .server import FederatedServer, RoundResult
 from .service import AggregatorService
+from .workers import WorkerAggregator
 
 REPORT_FILE = "report.json"
 
@@ -42,8 +43,10 @@ def rss_kb(field: str = "VmHWM") -> int:
     return 0
 
 
-def serve(job: JobConfig, url: str, state_dir: Path, *, mqtt5: bool = False) -> dict[str, Any]:
-    """Run the job to its end; return (and write) the report."""
+def serve(
+    job: JobConfig, url: str, state_dir: Path, *, mqtt5: bool = False, workers: int = 1
+) -> dict[str, Any]:
+    """Run the job to its end (`workers` > 1: scaled out, MQTT 5); return and write the report."""
     server = synthetic_server(job)
     start_rss_kb = rss_kb("VmRSS")
     rounds: list[dict[str, Any]] = []
@@ -54,14 +57,15 @@ def serve(job: JobConfig, url: str, state_dir: Path, *, mqtt5: bool = False) -> 
         )
         print(f"round {result.round + 1} closed: {len(result.clients)} updates", flush=True)
 
-    service = AggregatorService(
-        job,
-        server,
-        parse_broker_url(url),
-        state_dir,
-        on_round_closed=on_round_closed,
-        mqtt5=mqtt5,
-    )
+    address = parse_broker_url(url)
+    if workers > 1:
+        service: AggregatorService = WorkerAggregator(
+            job, server, address, state_dir, workers=workers, on_round_closed=on_round_closed
+        )
+    else:
+        service = AggregatorService(
+            job, server, address, state_dir, on_round_closed=on_round_closed, mqtt5=mqtt5
+        )
     service.run(max_seconds=3600)
     report = {
         "rounds": rounds,
@@ -69,6 +73,9 @@ def serve(job: JobConfig, url: str, state_dir: Path, *, mqtt5: bool = False) -> 
         "start_rss_kb": start_rss_kb,
         "peak_rss_kb": rss_kb("VmHWM"),
     }
+    if isinstance(service, WorkerAggregator):
+        report["worker_accepted"] = service.pool.accepted
+        report["duplicates_across_workers"] = service.duplicates_merged
     (Path(state_dir) / REPORT_FILE).write_text(json.dumps(report))
     return report
 
@@ -79,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", required=True)
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--mqtt5", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="> 1: scaled out (MQTT 5)")
     args = parser.parse_args(argv)
     try:
         job = parse_config(json.loads(Path(args.job).read_text()))
-        serve(job, args.broker, Path(args.state_dir), mqtt5=args.mqtt5)
+        serve(job, args.broker, Path(args.state_dir), mqtt5=args.mqtt5, workers=args.workers)
     except (FedsbError, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -48,6 +48,7 @@ import contextlib
 import cProfile
 import importlib.metadata
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -70,6 +71,7 @@ import torch
 from fedsb.aggregator.broker import free_port, start_mosquitto, write_mosquitto_config
 from fedsb.aggregator.server import FederatedServer, RoundResult
 from fedsb.aggregator.service import AggregatorService
+from fedsb.aggregator.workers import WorkerAggregator
 from fedsb.config import parse_config
 from fedsb.methods import get_method
 from fedsb.mqtt import Topics, parse_broker_url
@@ -199,6 +201,10 @@ class TimedService(AggregatorService):
         super().step()
 
 
+class TimedWorkerAggregator(TimedService, WorkerAggregator):
+    """`--workers N` > 1: the scaled-out coordinator with the same timestamps."""
+
+
 def aggregator_main(
     url: str,
     job_raw: dict[str, Any],
@@ -207,6 +213,7 @@ def aggregator_main(
     max_seconds: float,
     profile_round: int | None,
     stop: Any,
+    workers: int = 1,
 ) -> None:
     """Entry of the aggregator process: serve the job, write timings and memory as JSON.
 
@@ -234,7 +241,7 @@ def aggregator_main(
             }
         )
 
-    service = TimedService(
+    service = (TimedWorkerAggregator if workers > 1 else TimedService)(
         parse_config(job_raw),
         server,
         parse_broker_url(url),
@@ -243,6 +250,7 @@ def aggregator_main(
         profile_round=profile_round,
         stop=stop,
         mqtt5=True,  # Receive Maximum: mosquitto holds the backlog, not the aggregator
+        **({"workers": workers} if workers > 1 else {}),
     )
     # time the three things the service does per message, without a profiler's overhead
     server.submit = timed(server.submit, seconds, "submit")  # type: ignore[method-assign]
@@ -271,6 +279,10 @@ def aggregator_main(
         "pending_when_stopped": len(server.pending),
         "error": error,
     }
+    if isinstance(service, WorkerAggregator):  # submit and spool writes happen in the workers
+        result["worker_accepted"] = service.pool.accepted
+        result["worker_peak_rss_kb"] = service.pool.peak_rss_kb
+        result["worker_cpu_s"] = service.pool.cpu_s
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -493,6 +505,7 @@ def measure_aggregator(
     *,
     max_round_s: float,
     profile_round: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Serve the job in a spawned process while the publishers play the fleet.
 
@@ -506,7 +519,8 @@ def measure_aggregator(
     result_path = work / "result.json"
     max_seconds = 30 + rounds * max_round_s
     stop = ctx.Event()
-    args = (url, job_raw, str(work / "state"), str(result_path), max_seconds, profile_round, stop)
+    state = str(work / "state")
+    args = (url, job_raw, state, str(result_path), max_seconds, profile_round, stop, workers)
     proc = ctx.Process(target=aggregator_main, args=args, name="aggregator")
     abort = threading.Event()
 
@@ -595,6 +609,13 @@ def measure_aggregator(
         "baseline_rss_mb": agg.get("baseline_rss_kb", 0) / 1024,
         "peak_rss_mb": agg.get("peak_rss_kb", 0) / 1024,
         "max_inbound_backlog": agg.get("max_backlog"),
+        "worker_accepted": agg.get("worker_accepted"),
+        "worker_peak_rss_mb": [kb / 1024 for kb in agg.get("worker_peak_rss_kb", [])],
+        "worker_cpu_ms_per_update": (  # all rounds, all workers: the work behind the sums
+            1e3 * sum(agg["worker_cpu_s"]) / max(1, sum(agg["worker_accepted"]))
+            if agg.get("worker_cpu_s")
+            else None
+        ),
         "profile": agg.get("profile"),
     }
 
@@ -615,8 +636,9 @@ def run_size(
     *,
     max_queued: int | None = None,
     profile: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Raw ceiling and aggregator for one fleet size, on a fresh broker."""
+    """Raw ceiling and aggregator (`workers` processes) for one fleet size, on a fresh broker."""
     job = f"bench{'-profile' if profile else ''}-{clients}"
     t0 = time.monotonic()
     updates = encode_updates(job, clients, rounds)
@@ -636,6 +658,7 @@ def run_size(
                 updates,
                 max_round_s=max_round_s,
                 profile_round=0 if profile else None,
+                workers=workers,
             )
         finally:
             for pub in pubs:
@@ -649,6 +672,7 @@ def run_size(
     raw_best = max((r["msgs_per_s"] for r in raw_full), default=0.0)
     return {
         "clients": clients,
+        "workers": workers,
         "rounds": rounds,
         "publishers": publishers,
         "broker_max_queued_messages": "fedsb config (100000)" if max_queued is None else max_queued,
@@ -734,7 +758,7 @@ def machine_info() -> dict[str, Any]:
 
 def print_table(sizes: list[dict[str, Any]]) -> None:
     head = (
-        f"{'clients':>7} {'broker queue':>12} {'agg upd/s':>9} {'round s':>8} {'raw msg/s':>9} "
+        f"{'clients':>7} {'workers':>7} {'broker queue':>12} {'agg upd/s':>9} {'round s':>8} {'raw msg/s':>9} "
         f"{'agg/raw':>7} {'peak RSS MB':>11} {'backlog':>7} {'submit ms':>9} {'ckpt ms':>7} "
         f"{'wire B/upd':>10} {'rejected':>8}  complete"
     )
@@ -750,7 +774,7 @@ def print_table(sizes: list[dict[str, Any]]) -> None:
             accepted = f"{agg['accepted_in_stopped_round']}/{s['clients']}"
             done = f"NO, {accepted} in round {agg['stopped_in_round']}: {agg['errors'][0]}"
         print(
-            f"{s['clients']:>7} {'fedsb' if isinstance(queue_limit, str) else queue_limit or 'none':>12} "
+            f"{s['clients']:>7} {s.get('workers', 1):>7} {'fedsb' if isinstance(queue_limit, str) else queue_limit or 'none':>12} "
             f"{s['aggregator_updates_per_s']:>9.0f} {s['round_seconds_mean'] or float('nan'):>8.2f} "
             f"{raw:>9} {(s['ratio_aggregator_to_raw'] or 0) * 100:>6.1f}% "
             f"{agg['peak_rss_mb']:>11.1f} {agg['max_inbound_backlog'] or 0:>7} "
@@ -778,22 +802,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not rerun a size with max_queued_messages 0 when the broker dropped messages",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="aggregator worker processes (> 1: scaled out behind a shared subscription); "
+        "each size runs once per value",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
     started = time.monotonic()
     sizes = []
-    for n in args.clients:
-        print(f"… {n} clients", flush=True)
+    for n, workers in itertools.product(args.clients, args.workers):
+        print(f"… {n} clients, {workers} aggregator worker(s)", flush=True)
         common = (n, args.rounds, args.publishers, args.raw_reps, args.max_round_s)
-        sizes.append(run_size(*common, max_queued=args.max_queued_messages))
+        sizes.append(run_size(*common, max_queued=args.max_queued_messages, workers=workers))
         last = sizes[-1]
         dropped = (
             last["aggregator"]["broker_dropped_warnings"] + last["raw_broker_dropped_warnings"]
         )
         if dropped and args.max_queued_messages is None and not args.no_rerun:
             print(f"… {n} clients again: the broker dropped messages; max_queued_messages 0")
-            sizes.append(run_size(*common, max_queued=0))
+            sizes.append(run_size(*common, max_queued=0, workers=workers))
     for size in sizes:
         size["aggregator"].pop("profile", None)
     profile = None

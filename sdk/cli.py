@@ -24,12 +24,13 @@ from fedsb.aggregator.folded import FoldedModel, adapter_with_folds
 from fedsb.aggregator.init_phase import InitPhase
 from fedsb.aggregator.server import FederatedServer, RoundResult
 from fedsb.aggregator.service import AggregatorService
+from fedsb.aggregator.workers import WorkerAggregator
 from fedsb.edge_client.client import FederatedClient
 from fedsb.edge_client.service import ClientService
 
 from .adapter import lora_layers
 from .config import JobConfig, config_to_dict, load_config
-from .errors import FedsbError
+from .errors import ConfigError, FedsbError
 from .init_federated import FEDERATED_INITS
 from .mqtt import parse_broker_url
 from .report import RunRecorder, adapter_description, save_adapter, summarise
@@ -452,6 +453,8 @@ def init_line(traffic: dict[str, Any]) -> str:
 
 
 def aggregator_command(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     job = load_config(args.config)
     fleet = prepare_fleet(job)
     model, method = initial_server_model(job, fleet)
@@ -470,15 +473,15 @@ def aggregator_command(args: argparse.Namespace) -> int:
             + "".join(f", {k} {v}" for k, v in privacy_metrics(job, result).items())
         )
 
-    service = AggregatorService(
-        job,
-        server,
-        address,
-        args.state_dir,
+    options: dict[str, Any] = dict(
         on_round_closed=report,
-        mqtt5=args.mqtt5,
         init_phase=InitPhase(job, model) if job.adapter.init in FEDERATED_INITS else None,
         on_init_done=lambda traffic: console.print(init_line(traffic)),
+    )
+    service = (
+        WorkerAggregator(job, server, address, args.state_dir, workers=args.workers, **options)
+        if args.workers > 1
+        else AggregatorService(job, server, address, args.state_dir, mqtt5=args.mqtt5, **options)
     )
     committed = service.checkpoint.load()
     if folded is not None and committed is not None:
@@ -641,6 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mqtt5",
         action="store_true",
         help="MQTT 5 with a receive maximum (mosquitto): the broker holds the backlog",
+    )
+    agg.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes taking updates behind an MQTT 5 shared subscription "
+        "(needs mosquitto; implies --mqtt5); their exact partial sums merge at round close",
     )
     agg.set_defaults(handler=aggregator_command)
 

@@ -234,7 +234,7 @@ class MqttConnection:
             deadline = time.monotonic() + timeout_s
             while not self.connected.is_set() and time.monotonic() < deadline:
                 self.client.loop(timeout=0.05)
-        if not self.connected.wait(timeout_s) or self.refused:
+        if not self.connected.wait(timeout_s if self.network_thread else 0) or self.refused:
             self.stop()
             why = self.refused or f"no answer within {timeout_s:.0f} s"
             raise TransportError(f"broker {self.address.url} refused the connection: {why}")

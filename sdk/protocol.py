@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UpdateRejected, WireFormatError
-from .wire import decode_update, decode_update_views, encode_update
+from .wire import DecodedUpdate, decode_update, decode_update_views, encode_update
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 2**20
 
@@ -97,7 +97,7 @@ def _int_field(meta: Mapping[str, str], key: str) -> int:
 
 def validate_update(
     payload: bytes, topic_client: str, rules: UpdateRules
-) -> tuple[dict[str, torch.Tensor], UpdateMeta]:
+) -> tuple[DecodedUpdate, UpdateMeta]:
     """Decode and check an update before it touches any state; raise UpdateRejected with a reason."""
     if len(payload) > rules.max_bytes:
         raise UpdateRejected("oversize", f"{len(payload)} bytes > {rules.max_bytes}")

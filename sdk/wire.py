@@ -258,7 +258,7 @@ def decode_update_views(
     max_bytes: int = DEFAULT_MAX_BYTES,
     dtypes: Collection[torch.dtype] = (torch.float32,),
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[DecodedUpdate, dict[str, str]]:
     """`decode_update` for the aggregator's hot path: the same checks (NaN/Inf rejected).
 
     Each group is copied once out of `data` straight from the validated header offsets (no

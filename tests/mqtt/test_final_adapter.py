@@ -37,6 +37,7 @@ def test_aggregator_adapter_carries_the_folded_weight(
         state_dir=str(state_dir),
         ca_file=None,
         mqtt5=False,
+        workers=1,
     )
     errors: list[BaseException] = []
     lock = threading.Lock()  # one client trains at a time, as in process (shared torch RNG)
