@@ -70,7 +70,13 @@ class FederatedServer:
         self.round = 0
         self.adapter = adapter
         self.broadcast = broadcast
-        self.rules = UpdateRules(job=job.name, round=0, shapes=shapes, max_rank=job.adapter.rank)
+        self.rules = UpdateRules(
+            job=job.name,
+            round=0,
+            shapes=shapes,
+            max_rank=job.adapter.rank,
+            max_bytes=job.federation.max_update_bytes,
+        )
         self.pending: dict[str, tuple[UpdateMeta, int]] = {}  # accepted this round: meta, bytes
         self.uploads: dict[str, dict[str, torch.Tensor]] = {}  # kept only by non-streaming methods
         self.rejections: Counter[str] = Counter()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 
 from fedsb.config import JobConfig, config_to_dict
 from fedsb.errors import FedsbError, StateDirError
-from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics
+from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, packet_limit
 from fedsb.protocol import adapter_chunks, round_message
 from fedsb.selection import default_client_ids, sample_clients
 
@@ -194,7 +194,7 @@ class AggregatorService:
             self.client_name(),
             self.subscriptions(init=init_phase is not None),
             mqtt5=mqtt5,
-            max_packet=max_packet,
+            max_packet=max_packet or packet_limit(job.federation.max_update_bytes),
         )
         self.deadline = 0.0
         self.on_init_done = on_init_done

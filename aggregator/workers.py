@@ -39,7 +39,7 @@ import torch
 from fedsb.config import JobConfig
 from fedsb.errors import ConfigError, FedsbError
 from fedsb.methods import get_method
-from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, TransportError
+from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, TransportError, packet_limit
 
 from .server import FederatedServer, RoundPart
 from .service import AggregatorService, Checkpoint, admit, aggregator_connection
@@ -105,7 +105,7 @@ class Worker:
             worker_client_id(spec.job.name, index),
             [shared_updates(self.topics)],
             mqtt5=True,
-            max_packet=spec.max_packet,
+            max_packet=spec.max_packet or packet_limit(spec.job.federation.max_update_bytes),
         )
         self.open = False
         self.selected: set[str] | None = None

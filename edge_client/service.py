@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.errors import FedsbError, WireFormatError
-from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics
+from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, packet_limit
 from fedsb.protocol import adapter_chunks, is_selected, join_chunks, parse_chunk, parse_round
 
 from .client import FederatedClient
@@ -66,6 +66,7 @@ class ClientService:
                 self.topics.init_request,
             ],
             will=(self.topics.status(client.client_id), offline),
+            max_packet=packet_limit(client.job.federation.max_update_bytes),
         )
 
     def load_sent(self) -> set[int]:

@@ -32,7 +32,7 @@ from .adapter import lora_layers
 from .config import JobConfig, config_to_dict, load_config
 from .errors import ConfigError, FedsbError
 from .init_federated import FEDERATED_INITS
-from .mqtt import parse_broker_url
+from .mqtt import DEFAULT_MAX_PACKET, parse_broker_url
 from .report import RunRecorder, adapter_description, save_adapter, summarise
 from .selection import sample_clients
 from .simulation import initial_server_model, prepare_fleet
@@ -531,7 +531,11 @@ def broker_command(args: argparse.Namespace) -> int:
             parse_auth_file(Path(args.auth_file)) if args.auth_file else None
         )
         config = write_mosquitto_config(
-            Path(args.dir), port=args.port or 1883, users=users, tls=args.tls
+            Path(args.dir),
+            port=args.port or 1883,
+            users=users,
+            tls=args.tls,
+            max_packet_size=args.max_packet_size,
         )
         handle = start_mosquitto(config)
     else:
@@ -696,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     brk.add_argument(
         "--dir", default="runs/broker", help="where the mosquitto config and certificates go"
+    )
+    brk.add_argument(
+        "--max-packet-size",
+        type=int,
+        default=DEFAULT_MAX_PACKET,
+        help="largest MQTT packet mosquitto accepts, in bytes: at least a job's "
+        "federation.max_update_bytes + 64 KiB",
     )
     brk.set_defaults(handler=broker_command)
 

@@ -33,6 +33,11 @@ class DataSection(Section):
     max_train_examples: int | None = Field(None, ge=1)
     partition: Literal["iid", "dirichlet", "column"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
+    evaluate_on: Literal["test", "validation"] = Field(
+        "test",
+        description="validation: hold out a stratified share (test_fraction) of the train split, "
+        "train on the rest and evaluate on it, so tuning never sees the test set",
+    )
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> DataSection:
@@ -114,6 +119,13 @@ class FederationSection(Section):
     )
     trim_fraction: float = Field(
         0.1, ge=0, lt=0.5, description="share of lowest and highest values trimmed-mean drops"
+    )
+    max_update_bytes: int = Field(
+        16 * 2**20,
+        ge=2**16,
+        le=256 * 2**20,
+        description="largest update (and global state) message, in bytes: the aggregator refuses "
+        "bigger ones, clients do not send them; the broker's max_packet_size must allow it",
     )
 
     @model_validator(mode="after")

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PACKET = 16 * 2**20  # mosquitto's max_packet_size in fedsb's generated config
 
 
+def packet_limit(max_update_bytes: int) -> int:
+    """The MQTT packet size a job's connections allow: its largest update plus topic slack."""
+    return max(DEFAULT_MAX_PACKET, max_update_bytes + 2**16)
+
+
 class TransportError(FedsbError):
     """The broker cannot be reached, refused us, or a message cannot be sent."""
 

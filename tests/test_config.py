@@ -22,6 +22,10 @@ BAD_CONFIGS = [
     ({"federation": {"padding": "mirror"}}, r"^federation\.padding: "),
     ({"federation": {"lr": -1.0}}, r"^federation\.lr: .*greater than 0"),
     (
+        {"federation": {"max_update_bytes": 1000}},
+        r"^federation\.max_update_bytes: .*greater than or equal to 65536 \(got 1000\)$",
+    ),
+    (
         {"federation": {"clients": 2, "clients_per_round": 3}},
         r"^federation: clients_per_round \(3\) exceeds",
     ),

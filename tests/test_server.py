@@ -96,3 +96,17 @@ def test_closing_an_empty_round_is_an_error(world):
     server, _ = fresh(world)
     with pytest.raises(FedsbError, match="no accepted update"):
         server.close_round()
+
+
+def test_the_update_size_limit_is_the_jobs(world):
+    """federation.max_update_bytes sets the size check (a 70 kB message, too big or not)."""
+    job, fleet, model, method = world
+    import copy
+
+    big = update(FederatedServer.from_model(job, copy.deepcopy(model), method)) + bytes(70_000)
+    for max_bytes, reason in ((2**16, "oversize"), (2**17, "malformed")):
+        federation = job.federation.model_copy(update={"max_update_bytes": max_bytes})
+        server = FederatedServer.from_model(
+            job.model_copy(update={"federation": federation}), copy.deepcopy(model), method
+        )
+        assert server.submit("c1", big) == reason

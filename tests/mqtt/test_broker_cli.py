@@ -39,3 +39,10 @@ def test_tls_without_mosquitto_is_a_one_line_error(capsys):
         err
         == "error: --tls and --auth-file need --mosquitto (the embedded broker is for local use)"
     )
+
+
+def test_max_packet_size_reaches_the_mosquitto_config(tmp_path, capsys):
+    assert main(["broker", "--mosquitto", "--dir", str(tmp_path), "--max-packet-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: max_packet_size must be in 1..268435455, got 0"
+    )
