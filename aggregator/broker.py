@@ -143,7 +143,15 @@ class _EmbeddedBroker:
         await broker.start()
         self.ready.set()
         await self.stop_requested.wait()
-        await asyncio.wait_for(broker.shutdown(), timeout=STOP_WAIT_S * 2)
+        # At shutdown amqtt warns about messages still queued for clients that are gone
+        # (e.g. their `offline` wills): nothing a user can act on, so not shown.
+        amqtt_log = logging.getLogger("amqtt.broker")
+        level = amqtt_log.level
+        amqtt_log.setLevel(logging.ERROR)
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout=STOP_WAIT_S * 2)
+        finally:
+            amqtt_log.setLevel(level)
 
     def start(self, timeout_s: float) -> None:
         """Start the thread and return once the port accepts TCP connections."""
