@@ -49,7 +49,7 @@ test-chaos: install-dev system-deps
 	timeout 720 $(VENV)/bin/pytest -m chaos tests/chaos
 
 bench: install system-deps flower-site
-	$(PY) benchmarks/mqtt_round.py
+	$(PY) benchmarks/mqtt_round.py --workers 1 2
 	$(PY) benchmarks/aggregation_throughput.py
 	$(PY) benchmarks/client_cost.py
 	$(PY) benchmarks/flower_compare.py
@@ -66,6 +66,7 @@ runs/flower-site/.installed:
 
 experiments: install-dev
 	$(PY) experiments/communication.py
+	$(PY) experiments/accuracy_comm.py --tune  # per-method lrs on validation data; resumes from its JSON
 	$(PY) experiments/accuracy_comm.py
 	$(PY) experiments/hetero_ranks.py
 	$(PY) experiments/privacy.py  # needs opacus (the dp extra, in install-dev)

@@ -1,10 +1,13 @@
 """Accuracy vs cumulative upload on the demo task: Fed-SB against FedIT, FFA-LoRA, FedEx-LoRA, FLoRA.
 
 Every method runs the same job (examples/demo.toml: all-MiniLM-L6-v2, chatterbot topics,
-Dirichlet α=0.5) with the same rounds, local steps, batch and learning rates, in process, for
-each fleet size and seed. Writes benchmarks/results/accuracy_comm.json (or
-accuracy_comm_quick.json) and docs/img/accuracy_comm.png.
-Usage: python experiments/accuracy_comm.py [--quick]
+Dirichlet α=0.5) with the same rounds, local steps and batch, in process, for each fleet size and
+seed. Learning rates are tuned per method first (`--tune`): the same grid for every method, on a
+validation split carved from the training data (data.evaluate_on = "validation"), never on the
+test set; writes benchmarks/results/accuracy_tuning.json. The full mode then trains each method
+with its chosen learning rates and reports test accuracy: benchmarks/results/accuracy_comm.json
+and docs/img/accuracy_comm.png. `--quick` is a smoke run with the demo's learning rates.
+Usage: python experiments/accuracy_comm.py [--tune | --quick | --replot]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import matplotlib
 import matplotlib.ticker
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,6 +33,8 @@ from fedsb.config import load_config  # noqa: E402
 from fedsb.report import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TUNING = RESULTS / "accuracy_tuning.json"
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
 # (label, method, rank): Fed-SB and the LoRA baselines at a common, typical LoRA rank.
 ARMS = [
@@ -38,6 +44,9 @@ ARMS = [
     ("FedEx-LoRA r=8", "fedex", 8),
     ("FLoRA r=8", "flora", 8),
 ]
+# `--extra`: a higher Fed-SB rank that still uploads >= 10x less than FedIT, FedEx-LoRA and
+# FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B per client per round).
+EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24)]
 # (seed, clients): seed 0 of both fleets first, so a cut-short run still covers both.
 FULL = {
     "plan": [(0, 10), (0, 50), (1, 10), (2, 10), (1, 50), (2, 50)],
@@ -45,6 +54,16 @@ FULL = {
     "rounds": 5,
     "arms": ARMS,
 }
+# The same learning-rate grid for every method (adapter lr × head lr), AdamW. 1e-1 was added
+# after a first look: Fed-SB's best setting was at the grid's edge (lr 3e-2).
+GRID = {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "head_lr": [1e-2, 1e-1]}
+TUNE = {
+    "plan": [(0, 10)],
+    "clients_per_round": FULL["clients_per_round"],
+    "rounds": FULL["rounds"],
+    "overrides": {"data.evaluate_on": "validation"},
+}
+SCORED_ROUNDS = 2  # a setting's score: mean validation accuracy of the last 2 rounds (damps noise)
 QUICK = {
     "plan": [(0, 4)],
     "clients_per_round": None,
@@ -78,7 +97,8 @@ def run_arm(
         **extra,
     }
     job = load_config(ROOT / "examples" / "demo.toml", overrides)
-    run_dir = out / f"{method}-r{rank}-c{clients}-s{seed}"
+    lrs = f"-lr{job.federation.lr:g}-h{job.federation.head_lr:g}"
+    run_dir = out / f"{method}-r{rank}-c{clients}-s{seed}{lrs}"
     summary = run_simulation(job, run_dir, transport="inproc", quiet=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -88,6 +108,9 @@ def run_arm(
         "clients": clients,
         "clients_per_round": per_round or clients,
         "seed": seed,
+        "lr": job.federation.lr,
+        "head_lr": job.federation.head_lr,
+        "evaluate_on": job.data.evaluate_on,
         "accuracy_per_round": [r["accuracy"] for r in rows],
         "cumulative_upload_bytes": [r["cumulative_upload_bytes"] for r in rows],
         "upload_bytes_per_client_round": rows[-1]["upload_bytes_per_client"],
@@ -111,6 +134,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "label": label,
                 "clients": clients,
                 "seeds": len(group),
+                "lr": group[0]["lr"],
+                "head_lr": group[0]["head_lr"],
                 "accuracy_mean": statistics.mean(accs),
                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "cumulative_upload_bytes": statistics.mean(
@@ -153,26 +178,113 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
-    parser.add_argument("--out", default=None, help="run folders (default: runs/...)")
-    args = parser.parse_args()
-    if args.replot:
-        record = json.loads((ROOT / "benchmarks" / "results" / "accuracy_comm.json").read_text())
-        plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png")
-        return
-    plan = QUICK if args.quick else FULL
-    transformers.logging.set_verbosity_error()
-    logging.basicConfig(level=logging.WARNING)
+def score(run: dict[str, Any]) -> float:
+    """A tuning run's score: mean validation accuracy of its last SCORED_ROUNDS rounds."""
+    return statistics.mean(run["accuracy_per_round"][-SCORED_ROUNDS:])
+
+
+def choose(grid_runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm, the grid point with the best score (the first one on a tie)."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in grid_runs:
+        label = run["label"]
+        if label not in best or run["score"] > best[label]["score"]:
+            best[label] = {k: run[k] for k in ("lr", "head_lr", "score", "final_accuracy")}
+    return best
+
+
+def tune(arms: list[tuple[str, str, int]], out: Path) -> None:
+    """Every arm × the whole grid at 10 clients, seed 0, on the validation split; resumable."""
+    done: list[dict[str, Any]] = []
+    if TUNING.exists():
+        old = json.loads(TUNING.read_text())
+        if old["rounds"] == TUNE["rounds"]:  # keep the runs of grid points still in GRID
+            done = [
+                r
+                for r in old["grid_runs"]
+                if r["lr"] in GRID["lr"] and r["head_lr"] in GRID["head_lr"]
+            ]
     started = time.time()
-    runs: list[dict[str, Any]] = []
-    result_name = "accuracy_comm_quick.json" if args.quick else "accuracy_comm.json"
-    dest = (ROOT / QUICK_RESULTS if args.quick else ROOT / "benchmarks" / "results") / result_name
+    (seed, clients), per_round = TUNE["plan"][0], TUNE["clients_per_round"]
+    for lr in GRID["lr"]:  # grid outside, arms inside: a cut-short run covers every arm alike
+        for head_lr in GRID["head_lr"]:
+            for label, method, rank in arms:
+                key = (label, lr, head_lr)
+                if any((r["label"], r["lr"], r["head_lr"]) == key for r in done):
+                    continue
+                extra = TUNE["overrides"] | {"federation.lr": lr, "federation.head_lr": head_lr}
+                run = run_arm(
+                    label, method, rank, clients, per_round, seed, TUNE["rounds"], out, extra
+                )
+                run["score"] = score(run)
+                done.append(run)
+                print(
+                    f"{label:15s} lr {lr:g} head_lr {head_lr:g}: validation "
+                    f"{' '.join(f'{100 * a:.1f}' for a in run['accuracy_per_round'])} "
+                    f"score {100 * run['score']:.1f}%  {run['seconds']} s",
+                    flush=True,
+                )
+                record = {
+                    "task": "examples/demo.toml (all-MiniLM-L6-v2, chatterbot topics, Dirichlet 0.5)",
+                    "protocol": (
+                        f"{clients} clients, {per_round} per round, seed {seed}, "
+                        f"{TUNE['rounds']} rounds × 5 local steps, AdamW; trained on the train "
+                        "split minus a stratified 20% validation split and evaluated on that "
+                        "(data.evaluate_on = 'validation'); the test set is never used"
+                    ),
+                    "selection": (
+                        f"per method the grid point with the best mean validation accuracy over "
+                        f"the last {SCORED_ROUNDS} rounds"
+                    ),
+                    "grid": GRID,
+                    "rounds": TUNE["rounds"],
+                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+                    "chosen": choose(done),
+                    "grid_runs": done,
+                }
+                TUNING.write_text(json.dumps(record, indent=2) + "\n")  # resumable
+    for label, pick in choose(done).items():
+        print(
+            f"chosen {label:15s} lr {pick['lr']:g} head_lr {pick['head_lr']:g} "
+            f"score {100 * pick['score']:.1f}%"
+        )
+
+
+def tuned_learning_rates(arms: list[tuple[str, str, int]]) -> dict[str, dict[str, float]]:
+    """The learning rates `--tune` chose for each arm, as config overrides."""
+    if not TUNING.exists():
+        raise SystemExit(f"{TUNING} is missing: run `python experiments/accuracy_comm.py --tune`")
+    chosen = json.loads(TUNING.read_text())["chosen"]
+    missing = [label for label, _, _ in arms if label not in chosen]
+    if missing:
+        raise SystemExit(f"{TUNING.name} has no choice for {', '.join(missing)}: run --tune")
+    return {
+        label: {
+            "federation.lr": chosen[label]["lr"],
+            "federation.head_lr": chosen[label]["head_lr"],
+        }
+        for label, _, _ in arms
+    }
+
+
+def compare(quick: bool, extra: bool, out: Path) -> None:
+    """The published comparison (each arm at its tuned lrs) or the quick smoke run.
+
+    With `extra`, runs EXTRA_ARMS only and adds them to the published JSON's other arms.
+    """
+    plan = QUICK if quick else FULL
+    arms = EXTRA_ARMS if extra else plan["arms"]
+    arm_lrs = {} if quick else tuned_learning_rates(arms)
+    started = time.time()
+    result_name = "accuracy_comm_quick.json" if quick else "accuracy_comm.json"
+    dest = (ROOT / QUICK_RESULTS if quick else RESULTS) / result_name
     dest.parent.mkdir(parents=True, exist_ok=True)
+    labels = {label for label, _, _ in arms}
+    earlier = json.loads(dest.read_text()) if extra else {"runs": [], "wall_seconds": 0.0}
+    runs = [r for r in earlier["runs"] if r["label"] not in labels]
     for seed, clients in plan["plan"]:
-        for label, method, rank in plan["arms"]:
+        for label, method, rank in arms:
+            overrides = plan.get("overrides", {}) | arm_lrs.get(label, {})
             run = run_arm(
                 label,
                 method,
@@ -181,11 +293,8 @@ def main() -> None:
                 plan["clients_per_round"],
                 seed,
                 plan["rounds"],
-                Path(
-                    args.out
-                    or ROOT / "runs" / ("accuracy_comm_quick" if args.quick else "accuracy_comm")
-                ),
-                plan.get("overrides", {}),
+                out,
+                overrides,
             )
             runs.append(run)
             print(
@@ -200,14 +309,21 @@ def main() -> None:
                 "rounds": plan["rounds"],
                 "local_steps": plan.get("overrides", {}).get("federation.local_steps", 5),
                 "clients_per_round": plan["clients_per_round"],
-                "quick": args.quick,
-                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-                "wall_seconds": round(time.time() - started, 1),
+                "learning_rates": (
+                    "demo.toml's (lr 1e-2, head_lr 1e-1) for every arm"
+                    if quick
+                    else f"per arm, tuned on a validation split: {TUNING.name}"
+                ),
+                "quick": quick,
+                "started": earlier.get(
+                    "started", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+                ),
+                "wall_seconds": round(earlier["wall_seconds"] + time.time() - started, 1),
                 "summary": summarise(runs),
                 "runs": runs,
             }
             dest.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive
-            if not args.quick:
+            if not quick:
                 plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png")
     for s in record["summary"]:
         print(
@@ -215,6 +331,31 @@ def main() -> None:
             f"{100 * s['accuracy_mean']:5.1f} ± {100 * s['accuracy_std']:.1f}%  "
             f"cumulative upload {s['cumulative_upload_bytes'] / 1e6:.2f} MB"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    mode.add_argument("--tune", action="store_true", help="learning-rate grid on validation data")
+    mode.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+    parser.add_argument("--extra", action="store_true", help="the extra Fed-SB rank arm only")
+    parser.add_argument("--out", default=None, help="run folders (default: runs/...)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    if args.replot:
+        record = json.loads((RESULTS / "accuracy_comm.json").read_text())
+        plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png")
+        return
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.WARNING)
+    folder = "accuracy_tuning" if args.tune else "accuracy_comm" + ("_quick" if args.quick else "")
+    out = Path(args.out or ROOT / "runs" / folder)
+    if args.tune:
+        tune(EXTRA_ARMS if args.extra else ARMS, out)
+    else:
+        compare(args.quick, args.extra, out)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ class RunRecorder:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def plot(self, title: str) -> Path:
-        """accuracy.png: accuracy vs round and vs cumulative upload bytes."""
+    def plot(self, title: str, evaluated_on: str = "test") -> Path:
+        """accuracy.png: accuracy (on the test or validation set) vs round and vs upload bytes."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -47,11 +47,12 @@ class RunRecorder:
         mbytes = [r["cumulative_upload_bytes"] / 1e6 for r in self.rows]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         ax1.plot(rounds, acc, marker="o")
-        ax1.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy vs round")
+        ylabel = f"{evaluated_on} accuracy (%)"
+        ax1.set(xlabel="round", ylabel=ylabel, title="accuracy vs round")
         ax2.plot(mbytes, acc, marker="o")
         ax2.set(
             xlabel="cumulative upload, all clients (MB)",
-            ylabel="test accuracy (%)",
+            ylabel=ylabel,
             title="accuracy vs communication",
         )
         for ax in (ax1, ax2):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 
 from .adapter import apply_lora_sb
 from .config import JobConfig
-from .data import DatasetSplit, load_dataset, partition
+from .data import DatasetSplit, TextDataset, load_dataset, partition
+from .data.split import stratified_split
 from .init import init_lora_sb
 from .init_federated import FEDERATED_INITS
 from .methods import Method, get_method
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 class FleetSetup:
     """Everything a simulated job starts from."""
 
-    split: DatasetSplit
+    split: DatasetSplit  # its `test` is the validation set when data.evaluate_on = "validation"
     base_model: nn.Module  # the pretrained classifier, never adapted: copy it per participant
     train: Encoded
     test: Encoded
@@ -48,6 +50,8 @@ def prepare_fleet(job: JobConfig) -> FleetSetup:
         group_column=d.group_column,
         max_examples=d.max_train_examples,
     )
+    if d.evaluate_on == "validation":
+        split = validation_split(split.train, d.test_fraction, job.seed)
     model, tokenizer = load_classifier(job.model.name, len(split.train.label_names), seed=job.seed)
     train = encode_texts(tokenizer, split.train.texts, split.train.labels, job.model.max_length)
     test = encode_texts(tokenizer, split.test.texts, split.test.labels, job.model.max_length)
@@ -55,6 +59,15 @@ def prepare_fleet(job: JobConfig) -> FleetSetup:
         split.train, job.federation.clients, scheme=d.partition, alpha=d.alpha, seed=job.seed
     )
     return FleetSetup(split, model, train, test, shards)
+
+
+def validation_split(train: TextDataset, fraction: float, seed: int) -> DatasetSplit:
+    """A stratified, seeded validation set carved out of `train`, as (rest, validation).
+
+    Tuning evaluates on it, so hyper-parameters are chosen without ever seeing the test set.
+    """
+    rest, held_out = stratified_split(train.labels, fraction, random.Random(f"validation-{seed}"))
+    return DatasetSplit(train=train.subset(rest), test=train.subset(held_out))
 
 
 def init_examples(fleet: FleetSetup, count: int, seed: int) -> Encoded:

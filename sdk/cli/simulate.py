@@ -260,7 +260,10 @@ class Simulation:
     def finish(self) -> dict[str, Any]:
         """Plots, final adapter, table; the run's summary (with the final global state)."""
         job = self.job
-        self.recorder.plot(f"{job.name}: {job.federation.method}, {job.federation.clients} clients")
+        self.recorder.plot(
+            f"{job.name}: {job.federation.method}, {job.federation.clients} clients",
+            job.data.evaluate_on,
+        )
         base = self.fleet.base_model  # W0 before any fold: FedEx and FLoRA save their change
         start = {
             name: base.get_submodule(name).weight for name in lora_layers(self.evaluator.model)
