@@ -27,7 +27,10 @@ def test_embedded_broker_command_serves_until_interrupted():
         assert client.connect("127.0.0.1", port) == mqtt.MQTT_ERR_SUCCESS
         client.disconnect()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        # bounded, not a timing check: amqtt's shutdown may wait out its own 10 s + 5 s limits
+        # on a loaded machine (seen once in CI at 20 s)
+        assert proc.wait(timeout=60) == 0
+        assert "broker stopped" in proc.stderr.read()
     finally:
         proc.kill()
 
