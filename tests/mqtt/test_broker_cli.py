@@ -17,7 +17,13 @@ FEDSB = str(Path(sys.executable).parent / "fedsb")
 
 def test_embedded_broker_command_serves_until_interrupted():
     proc = subprocess.Popen(
-        [FEDSB, "broker"], stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"}
+        [FEDSB, "broker"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"COLUMNS": "200"},
+        # Ctrl-C as in a terminal: a child inherits an ignored SIGINT, and in the full suite
+        # something earlier leaves pytest's SIGINT ignored (the command then never stops)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stderr.readline()  # first line: the URL
