@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 RECEIVE_MAXIMUM = 256  # unacknowledged updates the broker may push to the aggregator at once
-MAX_BACKLOG = 64  # updates queued in this process; past that the socket is not read (flat memory)
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker queues for a stopped aggregator
 
 
@@ -141,13 +140,13 @@ def aggregator_connection(
         client_id,
         subscriptions,
         manual_ack=True,
-        # Flow control: at most MAX_BACKLOG updates wait in this process, the rest stay with
-        # the broker, so memory stays flat however many clients report. MQTT 5 (mosquitto;
-        # amqtt speaks 3.1.1 only) also asks for a Receive Maximum and logs reason codes.
+        # Flow control: paho's loop runs in this thread and reads the socket only when the
+        # next update is wanted, so the backlog stays with the broker and memory stays flat
+        # however many clients report. MQTT 5 (mosquitto; amqtt speaks 3.1.1 only) also asks
+        # for a Receive Maximum and logs reason codes.
         mqtt5=mqtt5,
         receive_maximum=RECEIVE_MAXIMUM if mqtt5 else None,
         session_expiry_s=SESSION_EXPIRY_S if mqtt5 else None,
-        max_backlog=MAX_BACKLOG,
         network_thread=False,
         **({"max_packet": max_packet} if max_packet else {}),
     )
