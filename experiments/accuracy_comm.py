@@ -44,9 +44,10 @@ ARMS = [
     ("FedEx-LoRA r=8", "fedex", 8),
     ("FLoRA r=8", "flora", 8),
 ]
-# `--extra`: a higher Fed-SB rank that still uploads >= 10x less than FedIT, FedEx-LoRA and
-# FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B per client per round).
+# Run with `--arms "Fed-SB r=24"`: a higher Fed-SB rank that still uploads >= 10x less than FedIT,
+# FedEx-LoRA and FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B).
 EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24)]
+ALL_ARMS = ARMS + EXTRA_ARMS
 # (seed, clients): seed 0 of both fleets first, so a cut-short run still covers both.
 FULL = {
     "plan": [(0, 10), (0, 50), (1, 10), (2, 10), (1, 50), (2, 50)],
@@ -193,16 +194,22 @@ def choose(grid_runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-def tune(arms: list[tuple[str, str, int]], out: Path) -> None:
-    """Every arm × the whole grid at 10 clients, seed 0, on the validation split; resumable."""
+def tune(arms: list[tuple[str, str, int]], out: Path, *, redo: bool = False) -> None:
+    """Every arm × the whole grid at 10 clients, seed 0, on the validation split; resumable.
+
+    With `redo`, the arms' earlier grid runs are dropped first (after a change to the method).
+    """
     done: list[dict[str, Any]] = []
     if TUNING.exists():
         old = json.loads(TUNING.read_text())
+        labels = {label for label, _, _ in arms} if redo else set()
         if old["rounds"] == TUNE["rounds"]:  # keep the runs of grid points still in GRID
             done = [
                 r
                 for r in old["grid_runs"]
-                if r["lr"] in GRID["lr"] and r["head_lr"] in GRID["head_lr"]
+                if r["lr"] in GRID["lr"]
+                and r["head_lr"] in GRID["head_lr"]
+                and r["label"] not in labels
             ]
     started = time.time()
     (seed, clients), per_round = TUNE["plan"][0], TUNE["clients_per_round"]
@@ -267,13 +274,15 @@ def tuned_learning_rates(arms: list[tuple[str, str, int]]) -> dict[str, dict[str
     }
 
 
-def compare(quick: bool, extra: bool, out: Path) -> None:
+def compare(quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path) -> None:
     """The published comparison (each arm at its tuned lrs) or the quick smoke run.
 
-    With `extra`, runs EXTRA_ARMS only and adds them to the published JSON's other arms.
+    With `chosen` arms, runs those only and puts them in place of their earlier runs in the
+    published JSON, keeping the other arms' runs.
     """
     plan = QUICK if quick else FULL
-    arms = EXTRA_ARMS if extra else plan["arms"]
+    arms = chosen or plan["arms"]
+    extra = chosen is not None
     arm_lrs = {} if quick else tuned_learning_rates(arms)
     started = time.time()
     result_name = "accuracy_comm_quick.json" if quick else "accuracy_comm.json"
@@ -339,7 +348,12 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     mode.add_argument("--tune", action="store_true", help="learning-rate grid on validation data")
     mode.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
-    parser.add_argument("--extra", action="store_true", help="the extra Fed-SB rank arm only")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=[label for label, _, _ in ALL_ARMS],
+        help="run only these arms, replacing their earlier results (tuning: their grid runs)",
+    )
     parser.add_argument("--out", default=None, help="run folders (default: runs/...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
@@ -352,10 +366,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     folder = "accuracy_tuning" if args.tune else "accuracy_comm" + ("_quick" if args.quick else "")
     out = Path(args.out or ROOT / "runs" / folder)
+    chosen = [arm for arm in ALL_ARMS if arm[0] in args.arms] if args.arms else None
     if args.tune:
-        tune(EXTRA_ARMS if args.extra else ARMS, out)
+        tune(chosen or ARMS, out, redo=chosen is not None)
     else:
-        compare(args.quick, args.extra, out)
+        compare(args.quick, chosen, out)
 
 
 if __name__ == "__main__":

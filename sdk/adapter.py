@@ -43,6 +43,8 @@ class LoraSBConfig:
     init: str = "lora-sb"
     init_samples: int = 64
     init_lr: float = 1e-3  # η of the estimated first Adam step −η·sign(G)
+    init_probe_steps: int = 30  # head-only steps before G is taken (0: G under the initial head)
+    init_probe_lr: float = 1e-2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class LoraSBConfig:
             raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.init_samples < 1:
             raise ConfigError(f"init_samples must be at least 1, got {self.init_samples!r}")
+        if self.init_probe_steps < 0:
+            raise ConfigError(f"init_probe_steps must be >= 0, got {self.init_probe_steps!r}")
         saved = self.modules_to_save
         object.__setattr__(
             self, "modules_to_save", (saved,) if isinstance(saved, str) else tuple(saved)

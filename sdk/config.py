@@ -58,6 +58,13 @@ class AdapterSection(Section):
         64, ge=1, description="init examples (federated inits: split over the clients)"
     )
     init_lr: float = Field(1e-3, gt=0)
+    init_probe_steps: int = Field(
+        30,
+        ge=0,
+        description="lora-sb inits: AdamW steps fitting modules_to_save alone on the init examples "
+        "before W0's gradient is taken (restored afterwards; 0 = gradient under the initial head)",
+    )
+    init_probe_lr: float = Field(1e-2, gt=0, description="learning rate of those probe steps")
     init_oversample: int = Field(
         8, ge=0, description="lora-sb-federated: sketch columns beyond the rank (r + p)"
     )
@@ -262,6 +269,8 @@ class JobConfig(Section):
             init=a.init,
             init_samples=a.init_samples,
             init_lr=a.init_lr,
+            init_probe_steps=a.init_probe_steps,
+            init_probe_lr=a.init_probe_lr,
             seed=self.seed,
         )
 

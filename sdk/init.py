@@ -5,11 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .adapter import LoraSBConfig, LoraSBLayer, base_weight, dense_weight, lora_layers
+from .adapter import (
+    LoraSBConfig,
+    LoraSBLayer,
+    base_weight,
+    dense_weight,
+    lora_layers,
+    matches,
+)
 from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -44,7 +52,7 @@ def init_lora_sb(
     if config.init == "lora-sb":
         if batches is None:
             raise ConfigError("init='lora-sb' needs example batches to estimate the first step")
-        grads = accumulate_base_gradients(model, batches, config.init_samples)
+        grads = accumulate_base_gradients(model, batches, config.init_samples, HeadProbe.of(config))
         targets = {name: -config.init_lr * torch.sign(grads[name]) for name in layers}
         for name, layer in layers.items():
             set_factors_from_svd(layer, targets[name], scale_r=True)
@@ -95,20 +103,30 @@ def set_random_orthonormal(layer: LoraSBLayer, generator: torch.Generator) -> No
         layer.lora_R.weight.zero_()
 
 
-def backward_examples(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
-) -> int:
-    """Backpropagate the summed loss of the first `max_examples` examples; return how many."""
+def first_examples(
+    batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first `max_examples` examples of `batches`, the last batch cut to fit."""
+    taken: list[dict[str, torch.Tensor]] = []
     seen = 0
     for batch in batches:
         take = min(int(batch["labels"].shape[0]), max_examples - seen)
         if take <= 0:
             break
-        loss = model(**{k: v[:take] for k, v in batch.items()}).loss * take  # sum over examples
-        loss.backward()
+        taken.append({k: v[:take] for k, v in batch.items()})
         seen += take
     if seen == 0:
         raise ConfigError("the initialisation batches are empty: no gradient to estimate")
+    return taken
+
+
+def backward_examples(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> int:
+    """Backpropagate the summed loss of all examples of `batches`; return how many."""
+    seen = 0
+    for batch in batches:
+        n = int(batch["labels"].shape[0])
+        (model(**batch).loss * n).backward()  # the sum over examples
+        seen += n
     return seen
 
 
@@ -141,19 +159,112 @@ def base_weights_require_grad(model: nn.Module) -> Iterator[dict[str, torch.Tens
 
 
 def accumulate_base_gradients(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    max_examples: int,
+    probe: HeadProbe | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean task-loss gradient of each adapted W0 over the first `max_examples` examples.
 
     The gradients are returned as (d_out, d_in) float32, the orientation of `nn.Linear`.
     """
+    sums, seen = base_gradient_sums(model, batches, max_examples, probe)
+    log.info("LoRA-SB init: gradients from %d examples over %d layers", seen, len(sums))
+    return {name: grad / seen for name, grad in sums.items()}
+
+
+def base_gradient_sums(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    max_examples: int,
+    probe: HeadProbe | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ over examples of the task-loss gradient of each adapted W0 (d_out × d_in), and the count.
+
+    Computed in eval mode (no dropout) with the adapters' ΔW as they are (zero before init),
+    under the head fitted by `probe` when one is given (the head is restored afterwards).
+    """
+    examples = first_examples(batches, max_examples)
     was_training = model.training
-    model.eval()  # no dropout: the estimate must be deterministic
+    model.eval()
     try:
-        with torch.enable_grad(), base_weights_require_grad(model) as weights:
-            seen = backward_examples(model, batches, max_examples)
-            grads = {name: oriented_gradient(model, name, w) / seen for name, w in weights.items()}
+        with probed_head(model, examples, probe or HeadProbe()):
+            with torch.enable_grad(), base_weights_require_grad(model) as weights:
+                seen = backward_examples(model, examples)
+                sums = {
+                    name: oriented_gradient(model, name, w).float() for name, w in weights.items()
+                }
     finally:
         model.train(was_training)
-    log.info("LoRA-SB init: gradients from %d examples over %d layers", seen, len(grads))
-    return grads
+    return sums, seen
+
+
+@dataclass(frozen=True)
+class HeadProbe:
+    """Fit the saved modules (the head) alone before W0's gradient is taken: `steps` full-batch
+    AdamW steps at `lr` on the init examples. Under a freshly initialised head the gradient
+    points at random class directions; under a fitted one it points where fine-tuning goes."""
+
+    modules: tuple[str, ...] = ()
+    steps: int = 0
+    lr: float = 1e-2
+
+    @classmethod
+    def of(cls, config: LoraSBConfig) -> HeadProbe:
+        """The probe a `LoraSBConfig` asks for."""
+        return cls(tuple(config.modules_to_save), config.init_probe_steps, config.init_probe_lr)
+
+
+@contextlib.contextmanager
+def probed_head(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], probe: HeadProbe
+) -> Iterator[None]:
+    """Inside the block the head is fitted by `probe`; on exit its parameters are restored."""
+    params = [
+        p
+        for name, module in model.named_modules()
+        if name and matches(name, probe.modules)
+        for p in module.parameters()
+    ]
+    if probe.steps == 0 or not params:
+        yield
+        return
+    saved = [(p, p.detach().clone(), p.requires_grad) for p in params]
+    try:
+        fit_parameters(model, params, batches, probe.steps, probe.lr)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value, requires_grad in saved:
+                p.copy_(value)
+                p.requires_grad_(requires_grad)
+                p.grad = None
+
+
+def fit_parameters(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+) -> None:
+    """`steps` AdamW steps on `params` alone, each on the summed loss of all `batches`."""
+    frozen = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = sum(int(b["labels"].shape[0]) for b in batches)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                for batch in batches:
+                    n = int(batch["labels"].shape[0])
+                    (model(**batch).loss * (n / total)).backward()
+                optimizer.step()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(frozen[id(p)])
+            p.grad = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -31,13 +31,7 @@ from torch import nn
 from .accumulate import ExactSum
 from .adapter import LoraSBLayer, lora_layers
 from .config import JobConfig
-from .init import (
-    backward_examples,
-    base_weights_require_grad,
-    best_rank_approximation,
-    oriented_gradient,
-    set_factors_from_svd,
-)
+from .init import HeadProbe, base_gradient_sums, best_rank_approximation, set_factors_from_svd
 from .training import Encoded, sequential_batches
 
 FEDERATED_INITS = ("lora-sb-federated", "lora-sb-federated-exact")
@@ -84,25 +78,8 @@ def local_gradient_sums(
     """A client's G_k over its share ⌈init_samples / clients⌉ of the init examples, and the count."""
     count = math.ceil(job.adapter.init_samples / job.federation.clients)
     local = data.select(local_init_indices(len(data), count, job.seed, client_id))
-    return gradient_sums(model, sequential_batches(local, INIT_BATCH), len(local))
-
-
-def gradient_sums(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
-) -> tuple[State, int]:
-    """Σ over examples of the task-loss gradient of each adapted W0 (d_out × d_in), and the count.
-
-    Computed with the adapters' ΔW as they are (zero before init), in eval mode (no dropout).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), base_weights_require_grad(model) as weights:
-            seen = backward_examples(model, batches, max_examples)
-            sums = {name: oriented_gradient(model, name, w).float() for name, w in weights.items()}
-    finally:
-        model.train(was_training)
-    return sums, seen
+    probe = HeadProbe.of(job.lora_config())
+    return base_gradient_sums(model, sequential_batches(local, INIT_BATCH), len(local), probe)
 
 
 def range_sketch(grads: Mapping[str, torch.Tensor], cols: int, seed: int) -> State:

@@ -18,6 +18,7 @@ ALPHA = 8.0  # s = alpha / rank = 2, so R = diag(S)/2 is distinguishable from di
 INIT_LR = 2e-3
 INIT_SAMPLES = 10  # 3 batches of 4: the third one is cut to 2 examples
 TOL = 1e-5
+PROBE_STEPS, PROBE_LR = 5, 5e-2
 
 
 def reference_gradients(
@@ -48,8 +49,11 @@ def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
 
 
-def lora_sb_model(case: ModelCase) -> tuple[nn.Module, nn.Module, list]:
-    """(adapted model after init, untouched float64 copy of the base, the init batches)."""
+def lora_sb_model(case: ModelCase, probe_steps: int = 0) -> tuple[nn.Module, nn.Module, list]:
+    """(adapted model before init, untouched float64 copy of the base, the init batches).
+
+    The head probe is off unless asked for: most tests check the gradient under the initial head.
+    """
     reference = make_model(case, dtype=torch.float64)
     model = make_model(case, dtype=torch.float64)
     config = LoraSBConfig(
@@ -58,6 +62,8 @@ def lora_sb_model(case: ModelCase) -> tuple[nn.Module, nn.Module, list]:
         modules_to_save=[case.head],
         init_lr=INIT_LR,
         init_samples=INIT_SAMPLES,
+        init_probe_steps=probe_steps,
+        init_probe_lr=PROBE_LR,
     )
     apply_lora_sb(model, config)
     batches = make_batches(3, batch_size=4, seed=7)
@@ -125,6 +131,53 @@ def test_lora_sb_init_is_deterministic(case: ModelCase) -> None:
     init_lora_sb(second, batches)
     for (n1, p1), (n2, p2) in zip(first.named_parameters(), second.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def probed_reference_head(reference: nn.Module, head: str, batches: list) -> None:
+    """Fit `head` of `reference` as the probe should: full-batch AdamW on the first examples."""
+    joined = {k: torch.cat([b[k] for b in batches])[:INIT_SAMPLES] for k in batches[0]}
+    params = list(reference.get_submodule(head).parameters())
+    optimizer = torch.optim.AdamW(params, lr=PROBE_LR, weight_decay=0.0)
+    reference.eval()
+    for _ in range(PROBE_STEPS):
+        optimizer.zero_grad()
+        grads = torch.autograd.grad(reference(**joined).loss, params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        optimizer.step()
+
+
+def test_head_probe_steers_the_init_and_restores_the_head(case: ModelCase) -> None:
+    """B, A come from W0's gradient under the probed head; the head itself is left as it was."""
+    model, reference, batches = lora_sb_model(case, probe_steps=PROBE_STEPS)
+    unprobed, _, _ = lora_sb_model(case, probe_steps=0)
+    head = {n: p.detach().clone() for n, p in model.get_submodule(case.head).named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    init_lora_sb(model, batches)
+    init_lora_sb(unprobed, batches)
+
+    for n, p in model.get_submodule(case.head).named_parameters():
+        assert torch.equal(p, head[n]), n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+    layers = lora_layers(model)
+    probed_reference_head(reference, case.head, batches)
+    grads = reference_gradients(reference, batches, list(layers), INIT_SAMPLES)
+    moved = 0.0
+    for name, layer in layers.items():
+        want = best_rank_k(-INIT_LR * torch.sign(grads[name]), RANK)
+        assert (layer.delta_weight() - want).abs().max() <= TOL, name
+        moved = max(
+            moved,
+            (layer.delta_weight() - lora_layers(unprobed)[name].delta_weight()).abs().max().item(),
+        )
+    assert moved > 1e-4  # the probe did change the directions
+
+
+def test_head_probe_config_errors() -> None:
+    with pytest.raises(ConfigError, match="init_probe_steps must be >= 0, got -1"):
+        LoraSBConfig(rank=2, init_probe_steps=-1)
 
 
 def test_svd_init(case: ModelCase) -> None:

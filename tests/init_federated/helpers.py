@@ -23,7 +23,8 @@ def federated_job(model_dir: Path, init: str, clients: int, **adapter: Any) -> J
     from conftest import tiny_job
 
     raw = tiny_job(model_dir, clients=clients, rounds=1)
-    raw["adapter"] |= {"init": init, "init_samples": 8 * clients} | adapter
+    # No head probe unless asked: the maths is checked against the gradient under the initial head.
+    raw["adapter"] |= {"init": init, "init_samples": 8 * clients, "init_probe_steps": 0} | adapter
     return parse_config(raw)
 
 

@@ -136,6 +136,30 @@ def test_exact_mode_reproduces_the_central_init_on_pooled_data(tiny_model_dir):
     assert traffic["init_upload_bytes_per_client"] == 66_096  # 65,536 B of float32 + 560 B
 
 
+def test_clients_probe_their_head_before_taking_the_gradient(tiny_model_dir):
+    """With the head probe on, each client fits its head on its own init examples first: one
+    client in exact mode then equals the central init with the same probe on the same examples."""
+    probe = {"init_probe_steps": 5, "init_probe_lr": 5e-2}
+    fed = build(federated_job(tiny_model_dir, EXACT, clients=1, **probe))
+    plain = build(federated_job(tiny_model_dir, EXACT, clients=1))
+    run_init(fed)
+    run_init(plain)
+    pooled = pooled_init_examples(fed)
+    central_config = LoraSBConfig(
+        rank=RANK,
+        init="lora-sb",
+        init_samples=len(pooled),
+        modules_to_save=("classifier",),
+        init_probe_steps=5,
+        init_probe_lr=5e-2,
+    )
+    central = apply_lora_sb(copy.deepcopy(fed.fleet.base_model), central_config)
+    init_lora_sb(central, sequential_batches(pooled, 16))
+    ours, theirs, unprobed = (adapter_state(m) for m in (fed.model, central, plain.model))
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+    assert max(float((ours[k] - unprobed[k]).abs().max()) for k in ours if k.endswith(".B")) > 1e-3
+
+
 def test_only_sketches_of_the_expected_shapes_travel(tiny_model_dir):
     fed = build(federated_job(tiny_model_dir, SKETCH, clients=3))
     cols = RANK + fed.job.adapter.init_oversample

@@ -199,7 +199,14 @@ def test_client_cannot_publish_as_another(
 
 @pytest.mark.parametrize(
     "topic",
-    ["fedsb/job/update/c2", "fedsb/job/status/c2", "fedsb/job/global", "fedsb/job/round"],
+    [
+        "fedsb/job/update/c2",
+        "fedsb/job/status/c2",
+        "fedsb/job/global",
+        "fedsb/job/round",
+        "fedsb/job/init/reply/c2",
+        "fedsb/job/init/request",
+    ],
 )
 def test_denied_publish_gets_not_authorized_v5(
     secure_mosquitto: BrokerHandle, make_client: ClientFactory, topic: str
@@ -235,6 +242,24 @@ def test_client_reads_retained_global(secure_mosquitto: BrokerHandle, make_clien
     c1.subscribe("fedsb/job/global")
     msg = c1.next_message()
     assert (msg.topic, msg.payload, msg.retain) == ("fedsb/job/global", PAYLOAD, True)
+
+
+def test_client_takes_part_in_a_federated_init(
+    secure_mosquitto: BrokerHandle, make_client: ClientFactory
+):
+    """A client reads the retained init request and answers on its own init reply topic only."""
+    ca = secure_mosquitto.ca_file
+    agg = make_client("agg", ca_file=ca, login=login("agg"))
+    assert agg.connect(secure_mosquitto) == "Success"
+    assert agg.publish("fedsb/job/init/request", b"request", retain=True) == NO_SUBSCRIBERS
+    assert [c.value for c in agg.subscribe("fedsb/job/init/reply/+")] == [1]
+    c1 = make_client("c1", ca_file=ca, login=login("c1"))
+    assert c1.connect(secure_mosquitto) == "Success"
+    c1.subscribe("fedsb/job/init/request")
+    assert c1.next_message().payload == b"request"
+    assert c1.publish("fedsb/job/init/reply/c1", b"reply") == SUCCESS
+    msg = agg.next_message()
+    assert (msg.topic, msg.payload) == ("fedsb/job/init/reply/c1", b"reply")
 
 
 def test_secure_files_and_acl(secure_mosquitto: BrokerHandle):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_job
 from safetensors.torch import load_file
@@ -176,9 +177,12 @@ def test_workers_need_an_mqtt5_broker(embedded_broker, tmp_path, capsys):
     assert not Path(tmp_path / "state" / "state.json").exists()
 
 
-def test_cli_aggregator_with_two_workers_matches_inproc(tiny_model_dir, tmp_path, broker_dir):
-    """`fedsb aggregator --workers 2` and two `fedsb client`s over TLS, passwords and the ACL."""
+@pytest.mark.parametrize("init", ["lora-sb", "lora-sb-federated"])
+def test_cli_aggregator_with_two_workers_matches_inproc(init, tiny_model_dir, tmp_path, broker_dir):
+    """`fedsb aggregator --workers 2` and two `fedsb client`s over TLS, passwords and the ACL;
+    with the federated init, the coordinator runs the init passes before the workers start."""
     raw = tiny_job(tiny_model_dir, clients=2, rounds=2)
+    raw["adapter"]["init"] = init
     config = write_job(tmp_path / "job.toml", raw)
     ids = ["client-0000", "client-0001"]  # the ids (and training seeds) of `run_simulation`
     state_dir = tmp_path / "aggregator"
