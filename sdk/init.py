@@ -249,9 +249,9 @@ def fit_parameters(
     lr: float,
 ) -> None:
     """`steps` AdamW steps on `params` alone, each on the summed loss of all `batches`."""
-    frozen = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    frozen = {id(param): param.requires_grad for param in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -265,6 +265,6 @@ def fit_parameters(
                     (model(**batch).loss * (n / total)).backward()
                 optimizer.step()
     finally:
-        for p in model.parameters():
-            p.requires_grad_(frozen[id(p)])
-            p.grad = None
+        for param in model.parameters():
+            param.requires_grad_(frozen[id(param)])
+            param.grad = None
