@@ -15,6 +15,9 @@ merges the exact partial sums (bit-identical to one aggregator), commits the rou
 next one. A client accepted twice (by two workers, or a spooled update redelivered after a
 crash) counts once: the round is then rebuilt from the spool, one update per client.
 
+A stopped worker's session stays in the share group (7-day expiry) and keeps receiving updates,
+so a restart starts at least as many workers as have served the state directory.
+
 Requires a broker with MQTT 5 shared subscriptions (mosquitto). The workers talk to the
 coordinator over multiprocessing pipes and share its state directory: one host. Workers on
 several hosts (a shared state store, a network control channel) are future work.
@@ -22,6 +25,7 @@ several hosts (a shared state store, a network control channel) are future work.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import signal
@@ -59,6 +63,34 @@ def shared_updates(topics: Topics) -> str:
 
 def worker_client_id(job: str, index: int) -> str:
     return f"fedsb-aggregator-{job}-w{index}"
+
+
+WORKERS_RECORD = "workers.json"  # in the state directory: how many workers have served it
+
+
+def worker_count(state_dir: Path, requested: int) -> int:
+    """The workers to start: at least as many as have ever served this state directory.
+
+    A worker's persistent session stays in the share group after it stops, so the broker keeps
+    dealing it updates; with fewer workers those would wait, unread, until the session expires.
+    """
+    record = state_dir / WORKERS_RECORD
+    previous = int(json.loads(record.read_text())["workers"]) if record.exists() else 0
+    if previous > requested:
+        log.warning(
+            "%s was served by %d workers, whose broker sessions receive their share of the "
+            "updates: starting %d workers, not %d (a new state directory starts afresh)",
+            state_dir,
+            previous,
+            previous,
+            requested,
+        )
+    return max(requested, previous)
+
+
+def record_worker_count(state_dir: Path, count: int) -> None:
+    """Note that `count` worker sessions now exist on the broker for this state directory."""
+    (state_dir / WORKERS_RECORD).write_text(json.dumps({"workers": count}) + "\n")
 
 
 def peak_rss_kb() -> int:
@@ -367,7 +399,7 @@ class WorkerAggregator(AggregatorService):
             max_packet,
             logging.getLogger().getEffectiveLevel(),
         )
-        self.pool = WorkerPool(spec, workers)
+        self.pool = WorkerPool(spec, worker_count(self.checkpoint.directory, workers))
 
     def client_name(self) -> str:
         return f"fedsb-aggregator-{self.job.name}-coordinator"
@@ -399,6 +431,7 @@ class WorkerAggregator(AggregatorService):
 
     def publish_job(self) -> None:
         self.pool.start()  # subscribed before any client learns of a round
+        record_worker_count(self.checkpoint.directory, self.pool.count)
         super().publish_job()
 
     def publish_round(self, payload: bytes | None = None) -> None:

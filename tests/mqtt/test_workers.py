@@ -8,6 +8,7 @@ single aggregator's over the same broker and `fedsb.aggregate` in process.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from fedsb.aggregate import aggregate
 from fedsb.aggregator import synthetic
 from fedsb.aggregator.service import AggregatorService
 from fedsb.aggregator.synthetic import synthetic_server
-from fedsb.aggregator.workers import WorkerAggregator
+from fedsb.aggregator.workers import WorkerAggregator, record_worker_count, worker_count
 from fedsb.cli import main as cli_main
 from fedsb.cli import run_simulation
 from fedsb.config import JobConfig, parse_config
@@ -175,6 +176,7 @@ def test_workers_need_an_mqtt5_broker(embedded_broker, tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "--workers 2 needs an MQTT 5 broker with shared subscriptions" in err
     assert not Path(tmp_path / "state" / "state.json").exists()
+    assert not Path(tmp_path / "state" / "workers.json").exists()  # no worker session was made
 
 
 @pytest.mark.parametrize("init", ["lora-sb", "lora-sb-federated"])
@@ -205,10 +207,22 @@ def test_cli_aggregator_with_two_workers_matches_inproc(init, tiny_model_dir, tm
 
     state = json.loads((state_dir / "state.json").read_text())
     assert state == {"round": 2, "global": "global-00002.safetensors", "rejections": {}}
+    assert json.loads((state_dir / "workers.json").read_text()) == {"workers": 2}
     assert any((state_dir / "adapter").iterdir())
     final = load_file(str(state_dir / "global-00002.safetensors"))
     reference = run_simulation(parse_config(raw), tmp_path / "ref", transport="inproc", quiet=True)
     assert_same(final, reference["final_state"])
+
+
+def test_never_fewer_workers_than_sessions_on_the_broker(tmp_path, caplog):
+    """A restart with fewer workers starts as many as before: the old sessions hold updates."""
+    assert worker_count(tmp_path, 2) == 2  # a fresh state directory
+    record_worker_count(tmp_path, 3)
+    with caplog.at_level(logging.WARNING, logger="fedsb.aggregator.workers"):
+        assert worker_count(tmp_path, 2) == 3
+    assert f"{tmp_path} was served by 3 workers" in caplog.text
+    assert "starting 3 workers, not 2" in caplog.text
+    assert worker_count(tmp_path, 4) == 4
 
 
 def test_cli_refuses_fewer_than_one_worker(tmp_path, capsys):
