@@ -289,7 +289,8 @@ def compare(quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path) -
     dest = (ROOT / QUICK_RESULTS if quick else RESULTS) / result_name
     dest.parent.mkdir(parents=True, exist_ok=True)
     labels = {label for label, _, _ in arms}
-    earlier = json.loads(dest.read_text()) if extra else {"runs": [], "wall_seconds": 0.0}
+    fresh: dict[str, Any] = {"runs": [], "wall_seconds": 0.0}
+    earlier = json.loads(dest.read_text()) if extra and dest.exists() else fresh
     runs = [r for r in earlier["runs"] if r["label"] not in labels]
     for seed, clients in plan["plan"]:
         for label, method, rank in arms:

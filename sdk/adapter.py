@@ -211,13 +211,18 @@ def mark_trainable(model: nn.Module, modules_to_save: Sequence[str], *, lora: st
         layer.lora_A.weight.requires_grad_("A" in lora)
         layer.lora_R.weight.requires_grad_("R" in lora)
         layer.lora_B.weight.requires_grad_("B" in lora)
+    for param in saved_parameters(model, modules_to_save):
+        param.requires_grad_(True)
+
+
+def saved_parameters(model: nn.Module, modules_to_save: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters of the `modules_to_save` (each once); ModelError if a name matches nothing."""
     saved = [name for name, _ in model.named_modules() if name and matches(name, modules_to_save)]
     missing = [m for m in modules_to_save if not any(matches(n, [m]) for n in saved)]
     if missing:
         raise ModelError(f"modules_to_save {missing} matched no module of the model")
-    for name in saved:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad_(True)
+    params = (p for name in saved for p in model.get_submodule(name).parameters())
+    return list({id(p): p for p in params}.values())
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraSBLayer]:

@@ -16,7 +16,7 @@ from .adapter import (
     base_weight,
     dense_weight,
     lora_layers,
-    matches,
+    saved_parameters,
 )
 from .errors import ConfigError, ModelError
 
@@ -219,31 +219,24 @@ class HeadProbe:
 def probed_head(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], probe: HeadProbe
 ) -> Iterator[None]:
-    """Inside the block the head is fitted by `probe`; on exit its parameters are restored."""
-    params = [
-        p
-        for name, module in model.named_modules()
-        if name and matches(name, probe.modules)
-        for p in module.parameters()
-    ]
+    """Inside the block the head is fitted by `probe`; on exit its values are restored."""
+    params = saved_parameters(model, probe.modules)
     if probe.steps == 0 or not params:
         yield
         return
-    saved = [(p, p.detach().clone(), p.requires_grad) for p in params]
+    saved = [(p, p.detach().clone()) for p in params]
     try:
-        fit_parameters(model, params, batches, probe.steps, probe.lr)
+        fit_parameters(model, params, batches, probe.steps, probe.lr)  # restores requires_grad
         yield
     finally:
         with torch.no_grad():
-            for p, value, requires_grad in saved:
+            for p, value in saved:
                 p.copy_(value)
-                p.requires_grad_(requires_grad)
-                p.grad = None
 
 
 def fit_parameters(
     model: nn.Module,
-    params: list[torch.Tensor],
+    params: list[nn.Parameter],
     batches: list[dict[str, torch.Tensor]],
     steps: int,
     lr: float,
