@@ -38,6 +38,9 @@ _STATE_VERSION = 1
 _BIN_SHIFT = 4  # fast path: float32 exponents grouped in bins of 2^4 = 16 binades
 _FAST_MAX_WEIGHT = 2**20  # integer weights up to this take the fast path
 _FAST_LOAD = 2**23  # Σ weights between flushes: |bin| < 2^(24+15)·2^23 = 2^62
+# Elements per vectorised pass: the temporaries of a pass stay in cache, which makes large
+# tensors (Llama r=200: 7.8M values per update) several times faster than whole-array passes.
+_CHUNK = 2**16
 
 # dtype → (bits dtype, |x| mask, Inf bits, mantissa bits, lowest-bit offset, bound offset)
 _FORMATS = {
@@ -110,14 +113,11 @@ class ExactSum:
         self._flush()
         if not self._rows:
             return torch.zeros(self.shape, dtype=torch.float64)
-        digits = torch.zeros((self._rows + 1, self._numel), dtype=torch.int64)  # +1: carry
-        digits[:-1] = self._limbs  # exact: |limb| < 2^53
-        _propagate(digits)
-        negative = digits[-1] < 0  # lower digits are in [0, 2^B): the top one has the sign
-        digits.mul_(1 - 2 * negative.long())  # |sum|, then normalise again
-        _propagate(digits)
-        magnitude = _round_magnitude(digits, self._lo)
-        return torch.where(negative, -magnitude, magnitude).view(self.shape)
+        out = torch.empty(self._numel, dtype=torch.float64)
+        for start in range(0, self._numel, _CHUNK):  # elements are independent
+            columns = slice(start, start + _CHUNK)
+            out[columns] = _rounded(self._limbs[:, columns], self._lo)
+        return out.view(self.shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Checkpointable state: the limbs plus (version, limb bits, lo, pending, count)."""
@@ -170,26 +170,29 @@ class ExactSum:
     def _add_f32_integer(self, x: torch.Tensor, w: int, block: tuple[int, ...]) -> None:
         """Fast path: w·x into the int64 bins, exactly (x float32, 0 ≤ w ≤ 2^20 an integer)."""
         bits = x.numpy().view(np.int32)
-        exp = (bits >> 23) & 0xFF
-        if exp.size and int(exp.max()) == 0xFF:
-            raise ValueError("values must be finite (got NaN or Inf)")
+        exps = [(bits[s : s + _CHUNK] >> 23) & 0xFF for s in range(0, bits.size, _CHUNK)]
+        rows = _bin_rows(exps)  # raises on NaN/Inf before anything changes
         self.count += 1
-        if w == 0 or not exp.size:
+        if w == 0 or rows is None:
             return
         if self._bin_load + w > _FAST_LOAD:
             self._flush()
-        row = exp >> _BIN_SHIFT  # subnormals (exp 0) share row 0 with exp 1..15
-        # w·x in units of 2^(16·row − 150): x·2^(150 − 16·row) = ±mant·2^(exp mod 16) (exp ≥ 1;
-        # a subnormal gives ±2·mant) is an integer below 2^39, exact in float64 and in int64.
-        value = np.ldexp(bits.view(np.float32).astype(np.float64), 150 - (row << _BIN_SHIFT))
-        value = value.astype(np.int64)
-        if w != 1:
-            value *= w
-        self._cover_bins(int(row.min()), int(row.max()))
+        self._cover_bins(*rows)
         assert self._bins is not None
-        flat = (row - self._bin_lo).astype(np.int64) * self._numel
-        flat += _positions(self.shape, block)
-        np.add.at(self._bins.reshape(-1), flat, value)
+        flat_bins = self._bins.reshape(-1)
+        positions = _positions(self.shape, block)
+        for start, exp in zip(range(0, bits.size, _CHUNK), exps, strict=True):
+            row = exp >> _BIN_SHIFT  # subnormals (exp 0) share row 0 with exp 1..15
+            # w·x in units of 2^(16·row − 150): x·2^(150 − 16·row) = ±mant·2^(exp mod 16)
+            # (exp ≥ 1; a subnormal gives ±2·mant) is an integer below 2^39, exact in float64
+            # and in int64.
+            part = bits[start : start + _CHUNK].view(np.float32).astype(np.float64)
+            value = np.ldexp(part, 150 - (row << _BIN_SHIFT)).astype(np.int64)
+            if w != 1:
+                value *= w
+            flat = (row - self._bin_lo).astype(np.int64) * self._numel
+            flat += positions[start : start + _CHUNK]
+            np.add.at(flat_bins, flat, value)
         self._bin_load += w
 
     def _cover_bins(self, lo: int, hi: int) -> None:
@@ -211,13 +214,16 @@ class ExactSum:
             return
         for r in np.flatnonzero(bins.any(axis=1)).tolist():
             unit = (self._bin_lo + r) * (1 << _BIN_SHIFT) - 150  # exponent of one bin unit
-            high = bins[r] >> 31  # floor: bins[r] = high·2^31 + low, 0 ≤ low < 2^31
-            low = bins[r] & ((1 << 31) - 1)
-            terms: list[_Term] = [
-                (torch.from_numpy(low.astype(np.float64)), 1, unit, unit, unit + 31),
-                (torch.from_numpy(high.astype(np.float64)), 1, unit + 31, unit + 31, unit + 63),
-            ]
-            self._deposit(terms, ())
+            limbs, k0 = self._make_room(unit, unit + 63, 2)
+            for start in range(0, self._numel, _CHUNK):
+                columns = slice(start, start + _CHUNK)
+                high = bins[r, columns] >> 31  # floor: bin = high·2^31 + low, 0 ≤ low < 2^31
+                low = bins[r, columns] & ((1 << 31) - 1)
+                terms: list[_Term] = [
+                    (torch.from_numpy(low.astype(np.float64)), 1, unit, unit, unit + 31),
+                    (torch.from_numpy(high.astype(np.float64)), 1, unit + 31, unit + 31, unit + 63),
+                ]
+                _add_digits(limbs[:, columns], k0, terms)
 
     def _deposit_f64(self, x: torch.Tensor, w: float, block: tuple[int, ...]) -> None:
         """float64 values within one exponent band: split into two 26-bit halves, deposit."""
@@ -234,22 +240,23 @@ class ExactSum:
         self._deposit(terms, block)
 
     def _deposit(self, terms: list[_Term], block: tuple[int, ...]) -> None:
-        """Add each term's digits to limbs k0..k1 (the rows its bits can reach)."""
-        k0 = min(t[3] for t in terms) // LIMB_BITS
-        k1 = (max(t[4] for t in terms) - 1) // LIMB_BITS
-        if self._pending + len(terms) > _HEADROOM:
-            self._normalize()
-        self._cover(k0, k1)
-        rows = self._limbs[k0 - self._lo : k1 - self._lo + 1]  # (m, numel)
+        """Add each term's digits to the limbs its bits can reach."""
+        lowbit = min(t[3] for t in terms)
+        highbit = max(t[4] for t in terms)
+        rows, k0 = self._make_room(lowbit, highbit, len(terms))
         if block:
             rows = rows.view(-1, *self.shape)[(slice(None), *(slice(0, b) for b in block))]
-        for piece, q, exp, _, _ in terms:
-            scales = [math.ldexp(q, exp - LIMB_BITS * k) for k in range(k0, k1 + 1)] + [0.0]
-            # (m+1, numel): T_r = value / 2^(B·(k0+r)) truncated; the extra row is zero.
-            trunc = torch.outer(torch.tensor(scales, dtype=torch.float64), piece).trunc_()
-            digits = torch.sub(trunc[:-1], trunc[1:], alpha=_RADIX)  # T_r − 2^B·T_{r+1}
-            rows.add_(digits.view(rows.shape))
-        self._pending += len(terms)
+        _add_digits(rows, k0, terms)
+
+    def _make_room(self, lowbit: int, highbit: int, n_terms: int) -> tuple[torch.Tensor, int]:
+        """(view of the limbs k0..k1 that bits [lowbit, highbit) reach, k0), ready for
+        `n_terms` more digits per element."""
+        k0, k1 = lowbit // LIMB_BITS, (highbit - 1) // LIMB_BITS
+        if self._pending + n_terms > _HEADROOM:
+            self._normalize()
+        self._cover(k0, k1)
+        self._pending += n_terms
+        return self._limbs[k0 - self._lo : k1 - self._lo + 1], k0
 
     def _cover(self, k0: int, k1: int) -> None:
         """Grow the window with zero rows so that it spans absolute limbs k0..k1."""
@@ -332,6 +339,43 @@ def _positions(shape: tuple[int, ...], block: tuple[int, ...]) -> np.ndarray:
     if block:
         index = index[tuple(slice(0, b) for b in block)]
     return np.ascontiguousarray(index).reshape(-1)
+
+
+def _bin_rows(exps: list[np.ndarray]) -> tuple[int, int] | None:
+    """Lowest and highest fast-path bin of float32 values given by their biased exponents.
+
+    None when there are no values; ValueError on NaN or Inf (exponent 255), so a bad update
+    fails before it changes anything.
+    """
+    if not exps or not exps[0].size:
+        return None
+    lo, hi = min(int(e.min()) for e in exps), max(int(e.max()) for e in exps)
+    if hi == 0xFF:
+        raise ValueError("values must be finite (got NaN or Inf)")
+    return lo >> _BIN_SHIFT, hi >> _BIN_SHIFT
+
+
+def _add_digits(rows: torch.Tensor, k0: int, terms: list[_Term]) -> None:
+    """Add each term's digits to `rows`, the limbs k0, k0+1, … of the term's elements."""
+    shape = rows.shape
+    for piece, q, exp, _, _ in terms:
+        scales = [math.ldexp(q, exp - LIMB_BITS * k) for k in range(k0, k0 + shape[0])] + [0.0]
+        # (m+1, numel): T_r = value / 2^(B·(k0+r)) truncated; the extra row is zero.
+        trunc = torch.outer(torch.tensor(scales, dtype=torch.float64), piece).trunc_()
+        digits = torch.sub(trunc[:-1], trunc[1:], alpha=_RADIX)  # T_r − 2^B·T_{r+1}
+        rows.add_(digits.view(shape))
+
+
+def _rounded(limbs: torch.Tensor, lo: int) -> torch.Tensor:
+    """Limbs (n, numel) whose row 0 is absolute limb `lo` → their sums, float64, rounded once."""
+    digits = torch.zeros((limbs.shape[0] + 1, limbs.shape[1]), dtype=torch.int64)  # +1: carry
+    digits[:-1] = limbs  # exact: |limb| < 2^53
+    _propagate(digits)
+    negative = digits[-1] < 0  # lower digits are in [0, 2^B): the top one has the sign
+    digits.mul_(1 - 2 * negative.long())  # |sum|, then normalise again
+    _propagate(digits)
+    magnitude = _round_magnitude(digits, lo)
+    return torch.where(negative, -magnitude, magnitude)
 
 
 def _as_float(value: torch.Tensor) -> torch.Tensor:

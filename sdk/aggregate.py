@@ -73,7 +73,9 @@ class RoundSum:
         self.den = {g: ExactSum(self.weight_shape(g, keys)) for g, keys in self.groups.items()}
         # Σ w of the updates that sent a whole group as one block shape: their presence mask is
         # all ones, so an exact scalar per block replaces an ExactSum add of ones per update.
-        self.covered: dict[str, dict[tuple[int, ...], Fraction]] = {g: {} for g in self.groups}
+        self.covered: dict[str, dict[tuple[int, ...], Fraction | int]] = {
+            g: {} for g in self.groups
+        }
         self.plans: dict[tuple[object, ...], list[Plan]] = {}
 
     def stacked_shape(self, keys: list[str]) -> tuple[int, ...]:
@@ -136,7 +138,8 @@ class RoundSum:
                 stacked = torch.stack([update[k] for k in keys])
             self.num[group].add_block(stacked, weight)
             covered = self.covered[group]
-            covered[block] = covered.get(block, Fraction(0)) + Fraction(weight)
+            exact = int(weight) if weight.is_integer() else Fraction(weight)  # int: cheaper
+            covered[block] = covered.get(block, 0) + exact
             return
         values, mask = self.stack_sparse(keys, update, block)
         self.num[group].add_block(values, weight)
@@ -173,7 +176,7 @@ class RoundSum:
             self.num[group].merge(other.num[group])
             self.den[group].merge(other.den[group])
             for block, total in other.covered[group].items():
-                self.covered[group][block] = self.covered[group].get(block, Fraction(0)) + total
+                self.covered[group][block] = self.covered[group].get(block, 0) + total
 
     def weight_sum(self, group: str) -> torch.Tensor:
         """Σ w per entry (replication) or per tensor: sparse masks plus the covered blocks."""
@@ -206,7 +209,7 @@ class RoundSum:
         return new
 
 
-def float_parts(total: Fraction) -> list[float]:
+def float_parts(total: Fraction | int) -> list[float]:
     """Non-negative floats whose exact sum is `total` (≥ 0, a dyadic rational such as Σ w)."""
     parts = []
     while total:

@@ -33,7 +33,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -67,14 +67,34 @@ _HEADER_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 GroupKey = tuple[str, tuple[int, ...]]
 
 
-class DecodedUpdate(dict[str, torch.Tensor]):
-    """name → tensor, as decoded; `groups` also gives the stacked tensors they are rows of.
+class DecodedUpdate(Mapping[str, torch.Tensor]):
+    """name → tensor, as decoded, in sorted name order; `groups` gives the stacked tensors.
 
     `groups`: (sorted names, tensor of shape (len(names), *shape)) per same-shape group, so
-    the aggregator can sum a whole group at once without stacking it again.
+    the aggregator can sum a whole group at once without stacking it again. A name's tensor
+    is a row view of its group, made when asked for: the hot path never asks (it sums groups).
     """
 
-    groups: list[tuple[tuple[str, ...], torch.Tensor]]
+    def __init__(self, groups: list[tuple[tuple[str, ...], torch.Tensor]]) -> None:
+        self.groups = groups
+        self._rows = _row_index(tuple(names for names, _ in groups))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        group, row = self._rows[name]
+        return self.groups[group][1][row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_index(layout: tuple[tuple[str, ...], ...]) -> dict[str, tuple[int, int]]:
+    """name → (group, row) in sorted name order; every client of a job sends the same layout."""
+    rows = {name: (g, r) for g, names in enumerate(layout) for r, name in enumerate(names)}
+    return dict(sorted(rows.items()))
 
 
 # ---------------------------------------------------------------- encoding
@@ -268,7 +288,6 @@ def decode_update_views(
     groups, entries, spans, user_meta = _checked_header(buf, dtypes, expected_shapes)
     base = len(buf) - sum(end - begin for begin, end in spans.values())  # where data starts
     view = memoryview(buf)
-    state: dict[str, torch.Tensor] = {}
     stacked: list[tuple[tuple[str, ...], torch.Tensor]] = []
     for key, names in groups:
         code, shape = entries[key]
@@ -279,10 +298,8 @@ def decode_update_views(
         else:
             tensor = torch.frombuffer(raw, dtype=_CODE_DTYPES[code]).view(shape)
         _check_finite(tensor, names)
-        state.update(zip(names, tensor.unbind(0), strict=True))
         stacked.append((tuple(names), tensor))
-    update = DecodedUpdate(sorted(state.items()))
-    update.groups = stacked
+    update = DecodedUpdate(stacked)
     return update, user_meta
 
 

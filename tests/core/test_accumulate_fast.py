@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.test_accumulate import reference, summed, wide_float32
+from fedsb import accumulate
 from fedsb.accumulate import ExactSum
 
 
@@ -91,3 +92,27 @@ def test_fast_path_rejects_non_finite_without_changing_the_sum() -> None:
             acc.add(torch.tensor([1.0, bad, 0.0]), 1.0)
     assert acc.count == 1
     assert acc.result().tolist() == [2.0, 4.0, 6.0]
+
+
+def test_chunked_passes_match_fraction_across_chunk_boundaries(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Large tensors are added, flushed and rounded in chunks: the result is still exact,
+    with a NaN in the last chunk refused before any chunk is added."""
+    monkeypatch.setattr(accumulate, "_CHUNK", 7)  # 7 does not divide any size below
+    gen = torch.Generator().manual_seed(8)
+    shape = (3, 5, 4)
+    values = [wide_float32(gen, shape, -149, 127) for _ in range(5)]
+    extremes = f32_extremes()  # 16 values: 3 × 16 + 12 = 60 = 3·5·4
+    values.append(torch.cat([extremes, -extremes, extremes * 0.5, extremes[:12]]).view(shape))
+    weights = [1.0, 3.0, 2.0**20, 0.25, 7.0, 5.0]  # 0.25: the general path, chunked rounding
+    acc = summed(values, weights)
+    bad = values[0].clone().view(-1)
+    bad[-1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        acc.add(bad.view(shape), 1.0)
+    assert torch.equal(acc.result(), reference(values, weights))
+    block = ExactSum((3, 5, 4))  # a leading block whose chunks are not contiguous in the sum
+    blocks = [wide_float32(gen, (3, 3, 3), -30, 5) for _ in range(3)]
+    for b, w in zip(blocks, (1.0, 2.0, 9.0), strict=True):
+        block.add_block(b, w)
+    padded = [torch.nn.functional.pad(b, (0, 1, 0, 2)) for b in blocks]
+    assert torch.equal(block.result(), reference(padded, [1.0, 2.0, 9.0]))
