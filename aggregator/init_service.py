@@ -1,7 +1,9 @@
 """A federated init phase over MQTT, run by the aggregator before round 1.
 
-The open pass's request is retained on `…/init/request`; clients answer on
-`…/init/reply/{client}` in sha256-checked chunks (an exact-mode reply is a full-weight upload).
+The open pass's request is retained in sha256-checked chunks on `…/init/request/{i}`, then a
+pointer to it (chunk count, sha256) on `…/init/request`: a sketch's bases for a 3B model are
+≈ 74 MB, far over one MQTT packet. Clients answer on `…/init/reply/{client}`, chunked the same
+way (an exact-mode reply is a full-weight upload).
 The result (the adapter) is checkpointed as `init.safetensors` + `init.json`; an aggregator
 killed during the phase starts it again with a fresh attempt id (clients keep their gradient
 sums, so answering again is cheap, and replies to the old attempt are rejected as stale).
@@ -20,7 +22,13 @@ from safetensors.torch import load_file, save
 from fedsb.adapter import adapter_state, load_adapter_state
 from fedsb.errors import FedsbError, WireFormatError
 from fedsb.mqtt import MqttConnection, Topics
-from fedsb.protocol import join_chunk_map, parse_chunk
+from fedsb.protocol import (
+    MAX_CHUNK_BYTES,
+    adapter_chunks,
+    chunked_pointer,
+    join_chunk_map,
+    parse_chunk,
+)
 
 from .init_phase import InitPhase
 from .server import FederatedServer
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 
 INIT_TENSORS = "init.safetensors"
 INIT_FILE = "init.json"
+REQUEST_CHUNK_BYTES = MAX_CHUNK_BYTES  # a module constant so that tests can shrink it
 
 
 class InitService:
@@ -50,6 +59,7 @@ class InitService:
         self.timeout_s = timeout_s
         self.chunks: dict[str, tuple[int, dict[int, bytes]]] = {}  # client → (total, chunks)
         self.traffic: dict[str, Any] | None = None
+        self.request_chunks = 0  # the most chunk topics a request has used (cleared at the end)
 
     def load(self) -> bool:
         """Take a checkpointed init result, if any; True when the phase is already done."""
@@ -74,12 +84,25 @@ class InitService:
         self.server.set_initial_model(self.phase.model)
         self.traffic = self.phase.traffic() | {"init_rejections": dict(self.phase.rejections)}
         self.save()
-        self.connection.publish(self.topics.init_request, b"", retain=True)  # clear the request
+        self.clear_request()
         return self.traffic
 
     def publish_request(self) -> None:
+        """The open pass's request: its chunks first, then the pointer that makes it current."""
         self.deadline = time.monotonic() + self.timeout_s
-        self.connection.publish(self.topics.init_request, self.phase.request, retain=True)
+        request = self.phase.request
+        chunks = adapter_chunks(request, REQUEST_CHUNK_BYTES)
+        for i, chunk in enumerate(chunks):
+            self.connection.publish(self.topics.init_request_chunk(i), chunk, retain=True)
+        self.request_chunks = max(self.request_chunks, len(chunks))
+        pointer = chunked_pointer(request, len(chunks))
+        self.connection.publish(self.topics.init_request, pointer, retain=True)
+
+    def clear_request(self) -> None:
+        """Remove the retained request: an empty pointer tells clients the init is over."""
+        self.connection.publish(self.topics.init_request, b"", retain=True)
+        for i in range(self.request_chunks):
+            self.connection.publish(self.topics.init_request_chunk(i), b"", retain=True)
 
     def step(self) -> None:
         """Handle at most one message; close the pass at quorum (or deadline with replies)."""

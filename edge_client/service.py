@@ -17,7 +17,14 @@ from typing import Any
 
 from fedsb.errors import FedsbError, WireFormatError
 from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, packet_limit
-from fedsb.protocol import adapter_chunks, is_selected, join_chunks, parse_chunk, parse_round
+from fedsb.protocol import (
+    adapter_chunks,
+    is_selected,
+    join_chunks,
+    parse_chunk,
+    parse_chunked_pointer,
+    parse_round,
+)
 
 from .client import FederatedClient
 
@@ -51,7 +58,11 @@ class ClientService:
         self.has_adapter = False
         self.round_info: dict[str, Any] | None = None
         self.global_payload: bytes | None = None
-        self.init_request: bytes | None = None  # the open pass of a federated init
+        # A federated init's open pass: (chunks, sha256) of its request, and the chunks in.
+        self.init_pointer: tuple[int, str] | None = None
+        self.init_chunks: dict[int, bytes] = {}
+        self.init_arrivals = 0  # chunks received so far: a failed join is retried after more
+        self.init_failed: tuple[str, int] | None = None  # (sha256, arrivals) of a failed join
         self.init_answered: set[str] = set()  # sha256 of the requests answered
         self.done = False
         offline = json.dumps({"client": client.client_id, "state": "offline"}).encode()
@@ -64,6 +75,7 @@ class ClientService:
                 self.topics.round,
                 self.topics.global_state,
                 self.topics.init_request,
+                self.topics.init_request_chunks,
             ],
             will=(self.topics.status(client.client_id), offline),
             max_packet=packet_limit(client.job.federation.max_update_bytes),
@@ -139,23 +151,39 @@ class ClientService:
                 self.done = bool(self.round_info.get("done"))
             elif msg.topic == self.topics.global_state:
                 self.global_payload = msg.payload
-            elif msg.topic == self.topics.init_request:
-                self.init_request = msg.payload or None  # empty: the init is over
+            elif msg.topic == self.topics.init_request:  # empty: the init is over
+                self.init_pointer = parse_chunked_pointer(msg.payload) if msg.payload else None
+            elif msg.topic.startswith(self.topics.init_request + "/") and msg.payload:
+                index, _, data = parse_chunk(msg.payload)
+                self.init_chunks[index] = data
+                self.init_arrivals += 1
             self.maybe_install_adapter()
         except (WireFormatError, ValueError) as err:
             log.warning(
                 "client %s ignored a message on %s: %s", self.client.client_id, msg.topic, err
             )
 
+    def open_init_request(self) -> bytes | None:
+        """The open pass's request once all its chunks are in and match; None otherwise."""
+        if self.init_pointer is None or self.has_adapter:
+            return None
+        total, digest = self.init_pointer
+        if digest in self.init_answered or self.init_failed == (digest, self.init_arrivals):
+            return None
+        if any(i not in self.init_chunks for i in range(total)):
+            return None
+        try:
+            return join_chunks(self.init_chunks, total, digest)
+        except WireFormatError:  # a chunk of an earlier pass: its replacement is on the way
+            self.init_failed = (digest, self.init_arrivals)
+            return None
+
     def maybe_answer_init(self) -> None:
         """Answer each pass of a federated init once, before the adapter exists (chunked)."""
-        request = self.init_request
-        if request is None or self.has_adapter:
+        request = self.open_init_request()
+        if request is None:
             return
-        key = hashlib.sha256(request).hexdigest()
-        if key in self.init_answered:
-            return
-        self.init_answered.add(key)
+        self.init_answered.add(hashlib.sha256(request).hexdigest())
         try:
             with self.compute_lock:
                 reply = self.client.init_reply(request)

@@ -115,8 +115,16 @@ class Topics:
 
     @property
     def init_request(self) -> str:
-        """Federated init: the open pass's request (server → all, retained)."""
+        """Federated init: which request is open, as its chunk count and sha256 (retained)."""
         return f"{self.base}/init/request"
+
+    def init_request_chunk(self, index: int) -> str:
+        """Federated init: one chunk of the open pass's request (server → all, retained)."""
+        return f"{self.base}/init/request/{index}"
+
+    @property
+    def init_request_chunks(self) -> str:
+        return f"{self.base}/init/request/+"
 
     def init_reply(self, client: str) -> str:
         """Federated init: a client's reply, chunked like the adapter (client → server)."""

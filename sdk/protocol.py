@@ -177,7 +177,8 @@ MAX_CHUNK_BYTES = 2**20
 
 
 def adapter_chunks(payload: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> list[bytes]:
-    """Split the adapter message into chunks ≤ 1 MiB, each carrying its index and sha256."""
+    """Split a large message (the adapter, an init request or reply) into chunks ≤ 1 MiB,
+    each carrying its index, the chunk count and its sha256."""
     pieces = [payload[i : i + chunk_bytes] for i in range(0, len(payload), chunk_bytes)] or [b""]
     return [
         CHUNK_HEADER.pack(CHUNK_MAGIC, i, len(pieces), hashlib.sha256(p).digest()) + p
@@ -188,22 +189,39 @@ def adapter_chunks(payload: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> list[b
 def parse_chunk(message: bytes) -> tuple[int, int, bytes]:
     """(index, total, data) of a chunk whose sha256 matches; WireFormatError otherwise."""
     if len(message) < CHUNK_HEADER.size:
-        raise WireFormatError("adapter chunk shorter than its header")
+        raise WireFormatError("chunk shorter than its header")
     magic, index, total, digest = CHUNK_HEADER.unpack_from(message)
     data = message[CHUNK_HEADER.size :]
     if magic != CHUNK_MAGIC or not 0 <= index < total:
-        raise WireFormatError(f"not an adapter chunk (magic {magic!r}, index {index}/{total})")
+        raise WireFormatError(f"not a chunk (magic {magic!r}, index {index}/{total})")
     if hashlib.sha256(data).digest() != digest:
-        raise WireFormatError(f"adapter chunk {index} fails its sha256 check")
+        raise WireFormatError(f"chunk {index} fails its sha256 check")
     return index, total, data
 
 
 def join_chunks(chunks: Mapping[int, bytes], total: int, sha256_hex: str) -> bytes:
-    """The whole adapter message, checked against the manifest's sha256."""
+    """The whole message, checked against the sha256 its manifest or pointer gives."""
     payload = b"".join(chunks[i] for i in range(total))
     if hashlib.sha256(payload).hexdigest() != sha256_hex:
-        raise WireFormatError("the assembled adapter does not match the manifest's sha256")
+        raise WireFormatError("the assembled message does not match its sha256")
     return payload
+
+
+def chunked_pointer(payload: bytes, chunks: int) -> bytes:
+    """The message that says which chunked payload is current: its chunk count and sha256."""
+    return json.dumps({"chunks": chunks, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+
+
+def parse_chunked_pointer(message: bytes) -> tuple[int, str]:
+    """(chunks, sha256 hex) of a `chunked_pointer` message; WireFormatError if it is not one."""
+    try:
+        body = json.loads(message)
+        chunks, digest = body["chunks"], body["sha256"]
+    except (ValueError, TypeError, KeyError):
+        raise WireFormatError("not a chunked-payload pointer") from None
+    if type(chunks) is not int or chunks < 1 or not isinstance(digest, str) or len(digest) != 64:
+        raise WireFormatError(f"bad chunked-payload pointer {body!r}")
+    return chunks, digest
 
 
 def round_message(

@@ -15,6 +15,7 @@ from conftest import tiny_job
 from mqtt.helpers import Procs, aggregator_args, read_json, wait_until, write_job
 from safetensors.torch import load_file
 
+from fedsb.aggregator import init_service
 from fedsb.aggregator.broker import BrokerHandle, start_embedded_broker
 from fedsb.aggregator.init_service import InitService
 from fedsb.aggregator.server import FederatedServer
@@ -107,6 +108,52 @@ def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tm
             assert tensor.dtype == torch.float32
             assert tuple(tensor.shape) == ((d_out, k) if meta["pass"] == "0" else (k, d_in))
     assert sum(size for *_, size in replies) == over_mqtt["init_traffic"]["init_upload_bytes"]
+
+
+def test_a_request_in_many_chunks_gives_the_same_init_and_is_cleared_after(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The sketch's second request (its bases) goes out in 4 KiB chunks: the clients reassemble
+    it and the result is the in-process one, bit for bit; afterwards nothing is retained."""
+    monkeypatch.setattr(init_service, "REQUEST_CHUNK_BYTES", 4096)
+    raw_job = tiny_config(clients=2, rounds=1).model_dump(mode="json")
+    raw_job["adapter"] |= {"init": SKETCH, "init_samples": 16}
+    job = parse_config(raw_job)
+    inproc = run_simulation(job, tmp_path / "inproc", transport="inproc", quiet=True)
+    with start_embedded_broker() as broker:
+        spy = InitSpy(broker, job.name)
+        try:
+            over_mqtt = run_simulation(
+                job, tmp_path / "mqtt", transport="mqtt", broker_url=broker.url, quiet=True
+            )
+            time.sleep(0.5)  # the spy's last deliveries
+        finally:
+            spy.close()
+        late = InitSpy(broker, job.name)  # a late subscriber: retained messages only
+        time.sleep(0.5)
+        late.close()
+    final = inproc["final_state"]
+    assert all(torch.equal(final[k], over_mqtt["final_state"][k]) for k in final)
+    assert inproc["init_traffic"] == over_mqtt["init_traffic"]
+    request_bytes = over_mqtt["init_traffic"]["init_download_bytes_per_client"]
+    seen: dict[str, list[int]] = defaultdict(list)
+    while not spy.messages.empty():
+        topic, payload = spy.messages.get()
+        if "/init/request/" in topic and payload:
+            index, total, _ = parse_chunk(payload)
+            seen[f"{total}"].append(index)
+    assert request_bytes > 2 * 4096  # pass 1 carries the bases: several chunks
+    assert any(
+        int(total) > 2 and sorted(set(i)) == list(range(int(total))) for total, i in seen.items()
+    )
+    assert [t for t, payload in drain(late) if payload] == []  # nothing left retained
+
+
+def drain(spy: InitSpy) -> list[tuple[str, bytes]]:
+    out = []
+    while not spy.messages.empty():
+        out.append(spy.messages.get())
+    return out
 
 
 def test_aggregator_killed_during_init_restarts_it(tiny_model_dir, tmp_path, mosquitto_broker):

@@ -206,6 +206,7 @@ def test_client_cannot_publish_as_another(
         "fedsb/job/round",
         "fedsb/job/init/reply/c2",
         "fedsb/job/init/request",
+        "fedsb/job/init/request/0",
     ],
 )
 def test_denied_publish_gets_not_authorized_v5(
@@ -251,12 +252,15 @@ def test_client_takes_part_in_a_federated_init(
     ca = secure_mosquitto.ca_file
     agg = make_client("agg", ca_file=ca, login=login("agg"))
     assert agg.connect(secure_mosquitto) == "Success"
-    assert agg.publish("fedsb/job/init/request", b"request", retain=True) == NO_SUBSCRIBERS
+    assert agg.publish("fedsb/job/init/request/0", b"chunk", retain=True) == NO_SUBSCRIBERS
+    assert agg.publish("fedsb/job/init/request", b"pointer", retain=True) == NO_SUBSCRIBERS
     assert [c.value for c in agg.subscribe("fedsb/job/init/reply/+")] == [1]
     c1 = make_client("c1", ca_file=ca, login=login("c1"))
     assert c1.connect(secure_mosquitto) == "Success"
     c1.subscribe("fedsb/job/init/request")
-    assert c1.next_message().payload == b"request"
+    assert c1.next_message().payload == b"pointer"
+    c1.subscribe("fedsb/job/init/request/+")
+    assert c1.next_message().payload == b"chunk"
     assert c1.publish("fedsb/job/init/reply/c1", b"reply") == SUCCESS
     msg = agg.next_message()
     assert (msg.topic, msg.payload) == ("fedsb/job/init/reply/c1", b"reply")
