@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import torch
@@ -21,7 +23,7 @@ from fedsb.aggregator.init_service import InitService
 from fedsb.aggregator.server import FederatedServer
 from fedsb.aggregator.service import AggregatorService
 from fedsb.cli import guarded, run_simulation
-from fedsb.config import parse_config
+from fedsb.config import JobConfig, parse_config
 from fedsb.edge_client.service import ClientService
 from fedsb.init_federated import EXACT, SKETCH, sketch_columns
 from fedsb.methods import get_method
@@ -32,6 +34,9 @@ from fedsb.wire import decode_update
 from .helpers import build, federated_job
 
 JOB_S = 180.0
+
+
+Spied = list[tuple[str, bytes]]  # (topic, payload) of the messages a spy received
 
 
 class InitSpy:
@@ -48,32 +53,39 @@ class InitSpy:
         self.paho.subscribe(f"fedsb/{job}/init/#", qos=1)
         subscribed.get(timeout=10)
 
-    def replies(self) -> list[tuple[str, dict[str, torch.Tensor], dict[str, str], int]]:
-        """(topic client, tensors, metadata, bytes) of every reply, reassembled from its chunks."""
-        chunks: dict[str, dict[int, bytes]] = defaultdict(dict)
-        out = []
-        while not self.messages.empty():
-            topic, payload = self.messages.get()
-            if "/init/reply/" not in topic:
-                continue
-            client = topic.rsplit("/", 1)[1]
-            index, total, data = parse_chunk(payload)
-            chunks[client][index] = data
-            if len(chunks[client]) == total:
-                whole = b"".join(chunks.pop(client)[i] for i in range(total))
-                state, meta = decode_update(whole)
-                out.append((client, state, meta, len(whole)))
-        assert not chunks  # no reply left half-sent
-        return out
-
-    def close(self) -> None:
+    def close(self) -> Spied:
+        """Stop listening (after the last deliveries); what was received."""
+        time.sleep(0.5)
         self.paho.disconnect()
         self.paho.loop_stop()
+        return [self.messages.get() for _ in range(self.messages.qsize())]
 
 
-def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tmp_path):
-    raw_job = tiny_config(clients=3, rounds=2).model_dump(mode="json")
-    raw_job["adapter"] |= {"init": SKETCH, "init_samples": 24}
+def replies(spied: Spied) -> list[tuple[str, dict[str, torch.Tensor], dict[str, str], int]]:
+    """(topic client, tensors, metadata, bytes) of every reply, reassembled from its chunks."""
+    chunks: dict[str, dict[int, bytes]] = defaultdict(dict)
+    out = []
+    for topic, payload in spied:
+        if "/init/reply/" not in topic:
+            continue
+        client = topic.rsplit("/", 1)[1]
+        index, total, data = parse_chunk(payload)
+        chunks[client][index] = data
+        if len(chunks[client]) == total:
+            whole = b"".join(chunks.pop(client)[i] for i in range(total))
+            state, meta = decode_update(whole)
+            out.append((client, state, meta, len(whole)))
+    assert not chunks  # no reply left half-sent
+    return out
+
+
+def sketch_init_both_ways(
+    tiny_config: Any, tmp_path: Path, clients: int, rounds: int, samples: int
+) -> tuple[JobConfig, dict[str, Any], dict[str, Any], Spied, list[str]]:
+    """A sketch-init job in process and over an embedded broker: (job, in process, over MQTT,
+    the init messages of the MQTT run, the init topics still retained after it)."""
+    raw_job = tiny_config(clients=clients, rounds=rounds).model_dump(mode="json")
+    raw_job["adapter"] |= {"init": SKETCH, "init_samples": samples}
     job = parse_config(raw_job)
     inproc = run_simulation(job, tmp_path / "inproc", transport="inproc", quiet=True)
     with start_embedded_broker() as broker:
@@ -82,23 +94,38 @@ def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tm
             over_mqtt = run_simulation(
                 job, tmp_path / "mqtt", transport="mqtt", broker_url=broker.url, quiet=True
             )
-            time.sleep(0.5)  # the spy's last deliveries
-            replies = spy.replies()
         finally:
-            spy.close()
+            spied = spy.close()
+        retained = still_retained(broker, job.name)
     final = inproc["final_state"]
     assert all(torch.equal(final[k], over_mqtt["final_state"][k]) for k in final)
+    assert inproc["init_traffic"] == over_mqtt["init_traffic"]
+    return job, inproc, over_mqtt, spied, retained
+
+
+def still_retained(broker: BrokerHandle, job: str, wait_s: float = 10.0) -> list[str]:
+    """Topics under `fedsb/{job}/init/` with a retained message, as late subscribers see them
+    (asked again for up to `wait_s`: the broker may acknowledge a clear before applying it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        topics = [topic for topic, payload in InitSpy(broker, job).close() if payload]
+        if not topics or time.monotonic() > deadline:
+            return topics
+
+
+def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tmp_path):
+    job, inproc, over_mqtt, spied, _ = sketch_init_both_ways(tiny_config, tmp_path, 3, 2, 24)
     assert inproc["accuracy_before"] == over_mqtt["accuracy_before"]
     assert inproc["accuracy_after"] == over_mqtt["accuracy_after"]
-    assert inproc["init_traffic"] == over_mqtt["init_traffic"]
     assert over_mqtt["init_traffic"]["init_rejections"] == {}
 
     hidden, inter = 32, 64  # the tiny BERT's widths; r + oversample = 12 sketch columns
     cols = job.adapter.rank + job.adapter.init_oversample
-    assert sorted((m["client"], m["pass"]) for _, _, m, _ in replies) == [
+    sent = replies(spied)
+    assert sorted((m["client"], m["pass"]) for _, _, m, _ in sent) == [
         (f"client-{i:04d}", p) for i in range(3) for p in "01"
     ]
-    for client, state, meta, _ in replies:
+    for client, state, meta, _ in sent:
         assert meta["client"] == client and meta["kind"] == "init-reply"
         assert len(state) == 12  # 2 layers × 6 adapted matrices, nothing else
         for name, tensor in state.items():
@@ -107,7 +134,7 @@ def test_mqtt_federation_matches_inproc_and_only_sketches_travel(tiny_config, tm
             k = sketch_columns(cols, d_out, d_in)
             assert tensor.dtype == torch.float32
             assert tuple(tensor.shape) == ((d_out, k) if meta["pass"] == "0" else (k, d_in))
-    assert sum(size for *_, size in replies) == over_mqtt["init_traffic"]["init_upload_bytes"]
+    assert sum(size for *_, size in sent) == over_mqtt["init_traffic"]["init_upload_bytes"]
 
 
 def test_a_request_in_many_chunks_gives_the_same_init_and_is_cleared_after(
@@ -116,44 +143,15 @@ def test_a_request_in_many_chunks_gives_the_same_init_and_is_cleared_after(
     """The sketch's second request (its bases) goes out in 4 KiB chunks: the clients reassemble
     it and the result is the in-process one, bit for bit; afterwards nothing is retained."""
     monkeypatch.setattr(init_service, "REQUEST_CHUNK_BYTES", 4096)
-    raw_job = tiny_config(clients=2, rounds=1).model_dump(mode="json")
-    raw_job["adapter"] |= {"init": SKETCH, "init_samples": 16}
-    job = parse_config(raw_job)
-    inproc = run_simulation(job, tmp_path / "inproc", transport="inproc", quiet=True)
-    with start_embedded_broker() as broker:
-        spy = InitSpy(broker, job.name)
-        try:
-            over_mqtt = run_simulation(
-                job, tmp_path / "mqtt", transport="mqtt", broker_url=broker.url, quiet=True
-            )
-            time.sleep(0.5)  # the spy's last deliveries
-        finally:
-            spy.close()
-        late = InitSpy(broker, job.name)  # a late subscriber: retained messages only
-        time.sleep(0.5)
-        late.close()
-    final = inproc["final_state"]
-    assert all(torch.equal(final[k], over_mqtt["final_state"][k]) for k in final)
-    assert inproc["init_traffic"] == over_mqtt["init_traffic"]
-    request_bytes = over_mqtt["init_traffic"]["init_download_bytes_per_client"]
-    seen: dict[str, list[int]] = defaultdict(list)
-    while not spy.messages.empty():
-        topic, payload = spy.messages.get()
+    _, _, over_mqtt, spied, retained = sketch_init_both_ways(tiny_config, tmp_path, 2, 1, 16)
+    indices: dict[int, set[int]] = defaultdict(set)  # chunk count → indices seen
+    for topic, payload in spied:
         if "/init/request/" in topic and payload:
             index, total, _ = parse_chunk(payload)
-            seen[f"{total}"].append(index)
-    assert request_bytes > 2 * 4096  # pass 1 carries the bases: several chunks
-    assert any(
-        int(total) > 2 and sorted(set(i)) == list(range(int(total))) for total, i in seen.items()
-    )
-    assert [t for t, payload in drain(late) if payload] == []  # nothing left retained
-
-
-def drain(spy: InitSpy) -> list[tuple[str, bytes]]:
-    out = []
-    while not spy.messages.empty():
-        out.append(spy.messages.get())
-    return out
+            indices[total].add(index)
+    assert over_mqtt["init_traffic"]["init_download_bytes_per_client"] > 2 * 4096
+    assert any(total > 2 and seen == set(range(total)) for total, seen in indices.items())
+    assert retained == []
 
 
 def test_aggregator_killed_during_init_restarts_it(tiny_model_dir, tmp_path, mosquitto_broker):
