@@ -22,6 +22,7 @@ import torch
 
 from .accumulate import ExactSum, exact_weighted_mean
 from .errors import ConfigError
+from .wire import DecodedUpdate
 
 PADDINGS = ("replication", "zero", "hetlora")
 
@@ -102,10 +103,9 @@ class RoundSum:
         Dense: every key of the group is there with the same block shape (the usual case).
         Remembered per shape signature: every client of a rank sends the same shapes.
         """
-        groups = getattr(update, "groups", None)  # a decoded message: its layout says it all
         items = (
-            ((n, t.shape) for n, t in groups)
-            if groups is not None
+            ((n, t.shape) for n, t in update.groups)  # a decoded message: its layout says it all
+            if isinstance(update, DecodedUpdate)
             else ((k, v.shape) for k, v in update.items())
         )
         signature = (rank, *items)
@@ -151,9 +151,10 @@ class RoundSum:
     def stacked_on_wire(self, group: str, update: State) -> torch.Tensor | None:
         """The decoded message's own stacked tensor of exactly this group's keys, if it has one."""
         names = self.group_names[group]
-        for wire_names, tensor in getattr(update, "groups", ()):
-            if wire_names == names:
-                return tensor
+        if isinstance(update, DecodedUpdate):
+            for wire_names, tensor in update.groups:
+                if wire_names == names:
+                    return tensor
         return None
 
     @staticmethod
