@@ -15,9 +15,12 @@ truncates, and takes differences of neighbouring rows to get the digits.
 Fast path (the aggregator's hot loop): a float32 x is mant·2^(exp−150) with an integer
 mant < 2^24, so w·x for an integer weight w is an integer in units of 2^(16·bin − 150),
 bin = exp // 16. Such adds go to int64 "bins" (one row per bin, one column per element:
-one vectorised scatter per add, no float rounding anywhere); every |bin| < 2^39·Σw stays
+a vectorised scatter per add, no float rounding anywhere); every |bin| < 2^39·Σw stays
 below 2^62 by flushing the bins into the limbs (`_flush`) before Σw reaches 2^23, and
 before anything reads the sum.
+
+Large tensors are binned, flushed and rounded in chunks of `_CHUNK` values, so that each
+vectorised pass works in cache; the result does not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -249,8 +252,10 @@ class ExactSum:
         _add_digits(rows, k0, terms)
 
     def _make_room(self, lowbit: int, highbit: int, n_terms: int) -> tuple[torch.Tensor, int]:
-        """(view of the limbs k0..k1 that bits [lowbit, highbit) reach, k0), ready for
-        `n_terms` more digits per element."""
+        """The limbs k0..k1 that bits [lowbit, highbit) reach (a view) and k0.
+
+        Grows the window and normalises first, so each element can take `n_terms` more digits.
+        """
         k0, k1 = lowbit // LIMB_BITS, (highbit - 1) // LIMB_BITS
         if self._pending + n_terms > _HEADROOM:
             self._normalize()
