@@ -24,10 +24,10 @@ from fedsb.errors import FedsbError, WireFormatError
 from fedsb.mqtt import MqttConnection, Topics
 from fedsb.protocol import (
     MAX_CHUNK_BYTES,
-    adapter_chunks,
     chunked_pointer,
     join_chunk_map,
     parse_chunk,
+    split_into_chunks,
 )
 
 from .init_phase import InitPhase
@@ -91,7 +91,7 @@ class InitService:
         """The open pass's request: its chunks first, then the pointer that makes it current."""
         self.deadline = time.monotonic() + self.timeout_s
         request = self.phase.request
-        chunks = adapter_chunks(request, REQUEST_CHUNK_BYTES)
+        chunks = split_into_chunks(request, REQUEST_CHUNK_BYTES)
         for i, chunk in enumerate(chunks):
             self.connection.publish(self.topics.init_request_chunk(i), chunk, retain=True)
         self.request_chunks = max(self.request_chunks, len(chunks))

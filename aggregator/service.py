@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from fedsb.config import JobConfig, config_to_dict
 from fedsb.errors import FedsbError, StateDirError
 from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, packet_limit
-from fedsb.protocol import adapter_chunks, round_message
+from fedsb.protocol import round_message, split_into_chunks
 from fedsb.selection import default_client_ids, sample_clients
 
 from .init_phase import InitPhase
@@ -291,7 +291,7 @@ class AggregatorService:
     def publish_job(self) -> None:
         """Manifest and adapter chunks, retained: late and restarted clients find them."""
         adapter = self.server.adapter_payload()
-        chunks = adapter_chunks(adapter)
+        chunks = split_into_chunks(adapter)
         manifest = {
             "job": self.job.name,
             "method": self.job.federation.method,

@@ -18,12 +18,12 @@ from typing import Any
 from fedsb.errors import FedsbError, WireFormatError
 from fedsb.mqtt import BrokerAddress, Message, MqttConnection, Topics, packet_limit
 from fedsb.protocol import (
-    adapter_chunks,
     is_selected,
     join_chunks,
     parse_chunk,
     parse_chunked_pointer,
     parse_round,
+    split_into_chunks,
 )
 
 from .client import FederatedClient
@@ -190,7 +190,7 @@ class ClientService:
         except WireFormatError as err:
             log.warning("client %s ignored an init request: %s", self.client.client_id, err)
             return
-        for chunk in adapter_chunks(reply):
+        for chunk in split_into_chunks(reply):
             self.connection.publish(self.topics.init_reply(self.client.client_id), chunk)
 
     def maybe_install_adapter(self) -> None:

@@ -176,7 +176,7 @@ CHUNK_HEADER = struct.Struct("<4sII32s")  # magic, index, total, sha256 of the c
 MAX_CHUNK_BYTES = 2**20
 
 
-def adapter_chunks(payload: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> list[bytes]:
+def split_into_chunks(payload: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> list[bytes]:
     """Split a large message (the adapter, an init request or reply) into chunks ≤ 1 MiB,
     each carrying its index, the chunk count and its sha256."""
     pieces = [payload[i : i + chunk_bytes] for i in range(0, len(payload), chunk_bytes)] or [b""]

@@ -28,7 +28,7 @@ from fedsb.edge_client.service import ClientService
 from fedsb.init_federated import EXACT, SKETCH, sketch_columns
 from fedsb.methods import get_method
 from fedsb.mqtt import parse_broker_url
-from fedsb.protocol import adapter_chunks, parse_chunk
+from fedsb.protocol import parse_chunk, split_into_chunks
 from fedsb.wire import decode_update
 
 from .helpers import build, federated_job
@@ -228,7 +228,7 @@ def test_a_reply_in_many_chunks_is_reassembled_in_any_order(tiny_model_dir, tmp_
     fed = build(federated_job(tiny_model_dir, EXACT, clients=2))
     service = InitService(fed.phase, None, None, tmp_path, 60.0)  # type: ignore[arg-type]
     reply = fed.clients[0].init_reply(fed.phase.request)  # 66 KB: a full-weight upload
-    chunks = adapter_chunks(reply, chunk_bytes=10_000)
+    chunks = split_into_chunks(reply, chunk_bytes=10_000)
     assert len(chunks) == 7
     got = [service.collect("client-0000", chunk) for chunk in reversed(chunks)]
     assert got == [None] * 6 + [reply]
