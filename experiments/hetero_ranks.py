@@ -30,21 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
 RANKS = [2, 2, 2, 4, 4, 4, 8, 8, 16, 16]  # four device classes, r_max = 16
 PADDINGS = ("replication", "zero", "hetlora")
-# The published figures predate the init's head probe: pinned off so that they reproduce.
-NO_PROBE = {"adapter.init_probe_steps": 0}
 FULL = {
     "ranks": RANKS,
     "seeds": [0, 1, 2],
     "rounds": 5,
     "paddings": PADDINGS,
-    "overrides": NO_PROBE,
+    "overrides": {},
 }
 QUICK = {
     "ranks": [2, 4, 8, 16],
     "seeds": [0],
     "rounds": 2,
     "paddings": ("replication", "zero"),
-    "overrides": {"data.max_train_examples": 400, "federation.local_steps": 2, **NO_PROBE},
+    "overrides": {"data.max_train_examples": 400, "federation.local_steps": 2},
 }
 
 
