@@ -62,7 +62,6 @@ def job_for(
         "federation.local_steps": settings["local_steps"],
         "federation.method": method,
         "adapter.init": init,
-        "adapter.init_probe_steps": 0,  # the published figures predate the head probe
         "model.max_length": settings["max_length"],
         "simulation.transport": "inproc",
     }
