@@ -61,8 +61,7 @@ class ClientService:
         # A federated init's open pass: (chunks, sha256) of its request, and the chunks in.
         self.init_pointer: tuple[int, str] | None = None
         self.init_chunks: dict[int, bytes] = {}
-        self.init_arrivals = 0  # chunks received so far: a failed join is retried after more
-        self.init_failed: tuple[str, int] | None = None  # (sha256, arrivals) of a failed join
+        self.init_stale: str | None = None  # sha256 whose join failed; reset by a new chunk
         self.init_answered: set[str] = set()  # sha256 of the requests answered
         self.done = False
         offline = json.dumps({"client": client.client_id, "state": "offline"}).encode()
@@ -151,39 +150,42 @@ class ClientService:
                 self.done = bool(self.round_info.get("done"))
             elif msg.topic == self.topics.global_state:
                 self.global_payload = msg.payload
-            elif msg.topic == self.topics.init_request:  # empty: the init is over
+            elif msg.topic == self.topics.init_request:
                 self.init_pointer = parse_chunked_pointer(msg.payload) if msg.payload else None
+                if self.init_pointer is None:  # the init is over: free the request's chunks
+                    self.init_chunks.clear()
             elif msg.topic.startswith(self.topics.init_request + "/") and msg.payload:
                 index, _, data = parse_chunk(msg.payload)
                 self.init_chunks[index] = data
-                self.init_arrivals += 1
+                self.init_stale = None
             self.maybe_install_adapter()
         except (WireFormatError, ValueError) as err:
             log.warning(
                 "client %s ignored a message on %s: %s", self.client.client_id, msg.topic, err
             )
 
-    def open_init_request(self) -> bytes | None:
-        """The open pass's request once all its chunks are in and match; None otherwise."""
+    def open_init_request(self) -> tuple[str, bytes] | None:
+        """(sha256, request) of the open pass once all its chunks are in and match; else None."""
         if self.init_pointer is None or self.has_adapter:
             return None
         total, digest = self.init_pointer
-        if digest in self.init_answered or self.init_failed == (digest, self.init_arrivals):
+        if digest in self.init_answered or digest == self.init_stale:
             return None
         if any(i not in self.init_chunks for i in range(total)):
             return None
         try:
-            return join_chunks(self.init_chunks, total, digest)
+            return digest, join_chunks(self.init_chunks, total, digest)
         except WireFormatError:  # a chunk of an earlier pass: its replacement is on the way
-            self.init_failed = (digest, self.init_arrivals)
+            self.init_stale = digest
             return None
 
     def maybe_answer_init(self) -> None:
         """Answer each pass of a federated init once, before the adapter exists (chunked)."""
-        request = self.open_init_request()
-        if request is None:
+        opened = self.open_init_request()
+        if opened is None:
             return
-        self.init_answered.add(hashlib.sha256(request).hexdigest())
+        digest, request = opened
+        self.init_answered.add(digest)
         try:
             with self.compute_lock:
                 reply = self.client.init_reply(request)
@@ -204,6 +206,7 @@ class ClientService:
             self.client.receive_adapter(payload)
         self.has_adapter = True
         self.chunks.clear()
+        self.init_chunks.clear()
 
     def maybe_train(self) -> None:
         """Train and publish once the open round's global state has arrived."""

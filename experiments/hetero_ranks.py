@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_RESULTS = Path("runs") / "evidence-quick"  # --quick output: smoke tests, not published
 RANKS = [2, 2, 2, 4, 4, 4, 8, 8, 16, 16]  # four device classes, r_max = 16
 PADDINGS = ("replication", "zero", "hetlora")
-FULL = {
-    "ranks": RANKS,
-    "seeds": [0, 1, 2],
-    "rounds": 5,
-    "paddings": PADDINGS,
-    "overrides": {},
-}
+FULL = {"ranks": RANKS, "seeds": [0, 1, 2], "rounds": 5, "paddings": PADDINGS, "overrides": {}}
 QUICK = {
     "ranks": [2, 4, 8, 16],
     "seeds": [0],

@@ -83,6 +83,9 @@ class DecodedUpdate(Mapping[str, torch.Tensor]):
         group, row = self._rows[name]
         return self.groups[group][1][row]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows  # without making the view, as Mapping's default would
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._rows)
 
