@@ -47,10 +47,13 @@ ARMS = [
 # Run with `--arms "Fed-SB r=24"`: a higher Fed-SB rank that still uploads >= 10x less than FedIT,
 # FedEx-LoRA and FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B).
 EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24)]
+REFERENCE = "Fed-SB r=16"  # the arm the paired gaps are taken from
 ALL_ARMS = ARMS + EXTRA_ARMS
-# (seed, clients): seed 0 of both fleets first, so a cut-short run still covers both.
+# (seed, clients): seed 0 of both fleets first, so a cut-short run still covers both. Seeds 3
+# and 4 were added after the first three could not separate gaps of 2-4 points (`--resume`).
 FULL = {
-    "plan": [(0, 10), (0, 50), (1, 10), (2, 10), (1, 50), (2, 50)],
+    "plan": [(0, 10), (0, 50), (1, 10), (2, 10), (1, 50), (2, 50)]
+    + [(3, 10), (3, 50), (4, 10), (4, 50)],
     "clients_per_round": 5,
     "rounds": 5,
     "arms": ARMS,
@@ -150,18 +153,63 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Pareto view: final accuracy (mean ± std) against cumulative upload, one panel per fleet."""
+def paired_gaps(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Per fleet and other arm: `reference` minus that arm, seed by seed (same partition, same
+    client draws), so the seed-to-seed swing that both share cancels out."""
+    final = {(r["label"], r["clients"], r["seed"]): r["final_accuracy"] for r in runs}
+    rows = []
+    for clients in sorted({r["clients"] for r in runs}):
+        for label in dict.fromkeys(r["label"] for r in runs if r["label"] != reference):
+            seeds = sorted(
+                seed
+                for (arm, fleet, seed) in final
+                if (arm, fleet) == (label, clients) and (reference, clients, seed) in final
+            )
+            if not seeds:
+                continue
+            gaps = [final[reference, clients, s] - final[label, clients, s] for s in seeds]
+            rows.append(
+                {
+                    "clients": clients,
+                    "reference": reference,
+                    "against": label,
+                    "seeds": seeds,
+                    "gap_per_seed": gaps,
+                    "gap_mean": statistics.mean(gaps),
+                    "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+                    "reference_ahead_or_level": sum(g >= 0 for g in gaps),
+                }
+            )
+    return rows
+
+
+def mean_curve(group: list[dict[str, Any]], key: str) -> list[float]:
+    """The per-round mean over seeds of a run list's `key` curve."""
+    return [statistics.mean(values) for values in zip(*(g[key] for g in group), strict=True)]
+
+
+def plot(summary: list[dict[str, Any]], path: Path, runs: list[dict[str, Any]]) -> None:
+    """Pareto view: final accuracy (mean ± std) against cumulative upload, one panel per fleet,
+    with each arm's path there (mean accuracy after each round against the upload so far)."""
     fleets = sorted({s["clients"] for s in summary})
-    fig, axes = plt.subplots(1, len(fleets), figsize=(5.5 * len(fleets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(fleets), figsize=(6 * len(fleets), 4.5), squeeze=False)
     for ax, clients in zip(axes[0], fleets, strict=True):
         for s in (s for s in summary if s["clients"] == clients):
             marker = "*" if s["label"].startswith("Fed-SB") else "o"
+            group = [r for r in runs if (r["label"], r["clients"]) == (s["label"], clients)]
+            path_line = ax.plot(
+                [b / 1e6 for b in mean_curve(group, "cumulative_upload_bytes")[1:]],
+                [100 * a for a in mean_curve(group, "accuracy_per_round")[1:]],
+                "-",
+                alpha=0.35,
+                linewidth=1,
+            )
             ax.errorbar(
                 s["cumulative_upload_bytes"] / 1e6,
                 100 * s["accuracy_mean"],
                 yerr=100 * s["accuracy_std"],
                 fmt=marker,
+                color=path_line[0].get_color(),
                 markersize=12 if marker == "*" else 7,
                 capsize=3,
                 label=s["label"],
@@ -170,7 +218,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
             xscale="log",
             xlabel="cumulative upload, all clients (MB, log)",
             ylabel="test accuracy (%)",
-            title=f"{clients} non-IID clients",
+            title=f"{clients} non-IID clients (lines: mean after rounds 1-5)",
         )
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -274,11 +322,14 @@ def tuned_learning_rates(arms: list[tuple[str, str, int]]) -> dict[str, dict[str
     }
 
 
-def compare(quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path) -> None:
+def compare(
+    quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path, *, resume: bool = False
+) -> None:
     """The published comparison (each arm at its tuned lrs) or the quick smoke run.
 
     With `chosen` arms, runs those only and puts them in place of their earlier runs in the
-    published JSON, keeping the other arms' runs.
+    published JSON, keeping the other arms' runs. With `resume`, runs already in the JSON at the
+    same learning rates are kept and only the plan's missing (arm, seed, fleet) runs are made.
     """
     plan = QUICK if quick else FULL
     arms = chosen or plan["arms"]
@@ -290,11 +341,13 @@ def compare(quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     labels = {label for label, _, _ in arms}
     fresh: dict[str, Any] = {"runs": [], "wall_seconds": 0.0}
-    earlier = json.loads(dest.read_text()) if extra and dest.exists() else fresh
-    runs = [r for r in earlier["runs"] if r["label"] not in labels]
+    earlier = json.loads(dest.read_text()) if (extra or resume) and dest.exists() else fresh
+    runs = [r for r in earlier["runs"] if resume or r["label"] not in labels]
     for seed, clients in plan["plan"]:
         for label, method, rank in arms:
             overrides = plan.get("overrides", {}) | arm_lrs.get(label, {})
+            if resume and any(already_run(r, label, seed, clients, overrides) for r in runs):
+                continue
             run = run_arm(
                 label,
                 method,
@@ -330,17 +383,34 @@ def compare(quick: bool, chosen: list[tuple[str, str, int]] | None, out: Path) -
                 ),
                 "wall_seconds": round(earlier["wall_seconds"] + time.time() - started, 1),
                 "summary": summarise(runs),
+                "paired_gaps": paired_gaps(runs, REFERENCE),
                 "runs": runs,
             }
             dest.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive
             if not quick:
-                plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png")
+                plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png", runs)
     for s in record["summary"]:
         print(
             f"{s['clients']:3d} clients {s['label']:15s} "
             f"{100 * s['accuracy_mean']:5.1f} ± {100 * s['accuracy_std']:.1f}%  "
             f"cumulative upload {s['cumulative_upload_bytes'] / 1e6:.2f} MB"
         )
+    for g in record["paired_gaps"]:
+        print(
+            f"{g['clients']:3d} clients {g['reference']} - {g['against']:15s} "
+            f"{100 * g['gap_mean']:+5.1f} ± {100 * g['gap_std']:.1f} points, "
+            f"ahead or level in {g['reference_ahead_or_level']} of {len(g['seeds'])} seeds"
+        )
+
+
+def already_run(
+    run: dict[str, Any], label: str, seed: int, clients: int, overrides: dict[str, Any]
+) -> bool:
+    """Is `run` the planned (arm, seed, fleet) at the learning rates it would run with now?"""
+    return (run["label"], run["seed"], run["clients"]) == (label, seed, clients) and (
+        run["lr"] == overrides.get("federation.lr", run["lr"])
+        and run["head_lr"] == overrides.get("federation.head_lr", run["head_lr"])
+    )
 
 
 def main() -> None:
@@ -348,19 +418,28 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     mode.add_argument("--tune", action="store_true", help="learning-rate grid on validation data")
-    mode.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+    mode.add_argument(
+        "--replot", action="store_true", help="redraw the PNG and the paired gaps from the JSON"
+    )
     parser.add_argument(
         "--arms",
         nargs="+",
         choices=[label for label, _, _ in ALL_ARMS],
         help="run only these arms, replacing their earlier results (tuning: their grid runs)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the published runs at the same learning rates; run only the missing ones",
+    )
     parser.add_argument("--out", default=None, help="run folders (default: runs/...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     if args.replot:
         record = json.loads((RESULTS / "accuracy_comm.json").read_text())
-        plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png")
+        record["paired_gaps"] = paired_gaps(record["runs"], REFERENCE)
+        (RESULTS / "accuracy_comm.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png", record["runs"])
         return
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -371,7 +450,7 @@ def main() -> None:
     if args.tune:
         tune(chosen or ARMS, out, redo=chosen is not None)
     else:
-        compare(args.quick, chosen, out)
+        compare(args.quick, chosen, out, resume=args.resume)
 
 
 if __name__ == "__main__":

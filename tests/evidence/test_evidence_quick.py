@@ -86,6 +86,9 @@ def test_accuracy_comm_quick_run_learns_and_counts_upload() -> None:
     assert fedit["upload_bytes_per_client_round"] > 10 * fedsb["upload_bytes_per_client_round"]
     assert fedsb["accuracy_mean"] > 0.15  # 21 classes: chance is 4.8%
     assert len(record["runs"][0]["accuracy_per_round"]) == record["rounds"] + 1
+    (gap,) = record["paired_gaps"]  # one fleet, one other arm, seed 0
+    assert (gap["reference"], gap["against"], gap["seeds"]) == ("Fed-SB r=16", "FedIT r=8", [0])
+    assert gap["gap_mean"] == fedsb["accuracy_mean"] - fedit["accuracy_mean"]
 
 
 def test_hetero_ranks_quick_run_covers_each_padding() -> None:
