@@ -7,6 +7,8 @@ way (an exact-mode reply is a full-weight upload).
 The result (the adapter) is checkpointed as `init.safetensors` + `init.json`; an aggregator
 killed during the phase starts it again with a fresh attempt id (clients keep their gradient
 sums, so answering again is cheap, and replies to the old attempt are rejected as stale).
+The most chunk topics any attempt's request used is kept in `init_request_chunks`, so the
+clean-up after the phase also clears a chunk only an earlier attempt published.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 INIT_TENSORS = "init.safetensors"
 INIT_FILE = "init.json"
+REQUEST_CHUNKS_FILE = "init_request_chunks"  # the most chunk topics a request used, any attempt
 REQUEST_CHUNK_BYTES = MAX_CHUNK_BYTES  # a module constant so that tests can shrink it
 
 
@@ -59,7 +62,8 @@ class InitService:
         self.timeout_s = timeout_s
         self.chunks: dict[str, tuple[int, dict[int, bytes]]] = {}  # client → (total, chunks)
         self.traffic: dict[str, Any] | None = None
-        self.request_chunks = 0  # the most chunk topics a request has used (cleared at the end)
+        mark = directory / REQUEST_CHUNKS_FILE
+        self.request_chunks = int(mark.read_text()) if mark.exists() else 0
 
     def load(self) -> bool:
         """Take a checkpointed init result, if any; True when the phase is already done."""
@@ -74,7 +78,8 @@ class InitService:
 
     def run(self, stop_at: float) -> dict[str, Any]:
         """Serve the passes until the adapter is set; return the init's traffic."""
-        if self.traffic is not None:
+        if self.traffic is not None:  # checkpointed: a kill may have come before the clean-up
+            self.clear_request()
             return self.traffic
         self.publish_request()
         while not self.phase.done:
@@ -92,9 +97,13 @@ class InitService:
         self.deadline = time.monotonic() + self.timeout_s
         request = self.phase.request
         chunks = split_into_chunks(request, REQUEST_CHUNK_BYTES)
+        if len(chunks) > self.request_chunks:  # recorded before the topics exist
+            from .service import write_atomic
+
+            write_atomic(self.directory / REQUEST_CHUNKS_FILE, str(len(chunks)).encode())
+            self.request_chunks = len(chunks)
         for i, chunk in enumerate(chunks):
             self.connection.publish(self.topics.init_request_chunk(i), chunk, retain=True)
-        self.request_chunks = max(self.request_chunks, len(chunks))
         pointer = chunked_pointer(request, len(chunks))
         self.connection.publish(self.topics.init_request, pointer, retain=True)
 

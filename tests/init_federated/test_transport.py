@@ -27,7 +27,7 @@ from fedsb.config import JobConfig, parse_config
 from fedsb.edge_client.service import ClientService
 from fedsb.init_federated import EXACT, SKETCH, sketch_columns
 from fedsb.methods import get_method
-from fedsb.mqtt import parse_broker_url
+from fedsb.mqtt import MqttConnection, parse_broker_url
 from fedsb.protocol import parse_chunk, split_into_chunks
 from fedsb.wire import decode_update
 
@@ -152,6 +152,37 @@ def test_a_request_in_many_chunks_gives_the_same_init_and_is_cleared_after(
     assert over_mqtt["init_traffic"]["init_download_bytes_per_client"] > 2 * 4096
     assert any(total > 2 and seen == set(range(total)) for total, seen in indices.items())
     assert retained == []
+
+
+def test_the_clean_up_clears_what_earlier_attempts_left(tiny_model_dir, tmp_path, monkeypatch):
+    """Attempt 1 retains its request in 5 chunks and is killed; attempt 2 takes 1 chunk and is
+    killed after its checkpoint, before its clean-up; a third start loads the checkpoint and
+    clears the pointer and all 5 chunk topics (the most any attempt used is kept on disk)."""
+    job = federated_job(tiny_model_dir, SKETCH, clients=2)
+
+    def attempt(connection: MqttConnection, chunks: int) -> InitService:
+        fed = build(job)
+        size = len(fed.phase.request)
+        monkeypatch.setattr(init_service, "REQUEST_CHUNK_BYTES", -(-size // chunks))
+        server = FederatedServer.from_model(job, fed.model, get_method("fedsb"))
+        return InitService(fed.phase, server, connection, tmp_path, 60.0)
+
+    with start_embedded_broker() as broker:
+        address = parse_broker_url(broker.url)
+        connection = MqttConnection(address, "aggregator", [], clean_start=True).start()
+        try:
+            attempt(connection, 5).publish_request()
+            assert len(still_retained(broker, job.name, wait_s=0)) == 1 + 5
+            second = attempt(connection, 1)
+            second.publish_request()
+            second.traffic = {"init_clients": 2}
+            second.save()
+            third = attempt(connection, 1)
+            assert third.load() and third.request_chunks == 5
+            assert third.run(time.monotonic() + 10) == {"init_clients": 2}
+            assert still_retained(broker, job.name) == []
+        finally:
+            connection.stop()
 
 
 def test_aggregator_killed_during_init_restarts_it(tiny_model_dir, tmp_path, mosquitto_broker):
