@@ -46,6 +46,9 @@ class DataSection(Section):
         return self
 
 
+CENTRAL_PROBE_STEPS = 30  # the head probe of the central lora-sb init (README: Fed-SB accuracy)
+
+
 class AdapterSection(Section):
     rank: int = Field(16, ge=1, le=4096)
     alpha: float | None = Field(None, gt=0)
@@ -58,11 +61,13 @@ class AdapterSection(Section):
         64, ge=1, description="init examples (federated inits: split over the clients)"
     )
     init_lr: float = Field(1e-3, gt=0)
-    init_probe_steps: int = Field(
-        30,
+    init_probe_steps: int | None = Field(
+        None,
         ge=0,
         description="lora-sb inits: AdamW steps fitting modules_to_save alone on the init examples "
-        "before W0's gradient is taken (restored afterwards; 0 = gradient under the initial head)",
+        "before W0's gradient is taken (restored afterwards; 0 = gradient under the initial head). "
+        "Default: 30 for lora-sb, 0 for the federated inits, whose clients would each fit the "
+        "head on only their few init examples",
     )
     init_probe_lr: float = Field(1e-2, gt=0, description="learning rate of those probe steps")
     init_oversample: int = Field(
@@ -79,6 +84,13 @@ class AdapterSection(Section):
     init_noise_multiplier: float = Field(
         0.0, ge=0, description="federated inits: Gaussian noise σ·init_clip_norm on the sums"
     )
+
+    @property
+    def probe_steps(self) -> int:
+        """`init_probe_steps` as given, else its default for the init (see its description)."""
+        if self.init_probe_steps is not None:
+            return self.init_probe_steps
+        return 0 if self.init.startswith("lora-sb-federated") else CENTRAL_PROBE_STEPS
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> AdapterSection:
@@ -269,7 +281,7 @@ class JobConfig(Section):
             init=a.init,
             init_samples=a.init_samples,
             init_lr=a.init_lr,
-            init_probe_steps=a.init_probe_steps,
+            init_probe_steps=a.probe_steps,
             init_probe_lr=a.init_probe_lr,
             seed=self.seed,
         )

@@ -41,6 +41,7 @@ BAD_CONFIGS = [
     ({"adapter": {"rank": 0}}, r"^adapter\.rank: .*greater than or equal to 1"),
     ({"adapter": {"init": "gauss"}}, r"^adapter\.init: "),
     ({"adapter": {"init_lr": 0}}, r"^adapter\.init_lr: "),
+    ({"adapter": {"init_probe_steps": -1}}, r"^adapter\.init_probe_steps: .*greater than or equal"),
     ({"data": {"alpha": 0}}, r"^data\.alpha: "),
     ({"data": {"partition": "random"}}, r"^data\.partition: "),
     ({"data": {"dataset": "file"}}, r"^data: dataset = 'file' needs data\.path"),
@@ -91,3 +92,17 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: federation.rounds:")
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("adapter", "steps"),
+    [
+        ({}, 30),  # the central init probes the head on its pooled examples
+        ({"init": "lora-sb-federated"}, 0),  # each client would fit it on a few examples only
+        ({"init": "lora-sb-federated-exact"}, 0),
+        ({"init": "lora-sb-federated", "init_probe_steps": 5}, 5),  # an explicit value wins
+        ({"init_probe_steps": 0}, 0),
+    ],
+)
+def test_head_probe_default_depends_on_the_init(adapter, steps):
+    assert parse_config({"adapter": adapter}).lora_config().init_probe_steps == steps
