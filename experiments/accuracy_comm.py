@@ -343,6 +343,7 @@ def compare(
     fresh: dict[str, Any] = {"runs": [], "wall_seconds": 0.0}
     earlier = json.loads(dest.read_text()) if (extra or resume) and dest.exists() else fresh
     runs = [r for r in earlier["runs"] if resume or r["label"] not in labels]
+    record: dict[str, Any] | None = None
     for seed, clients in plan["plan"]:
         for label, method, rank in arms:
             overrides = plan.get("overrides", {}) | arm_lrs.get(label, {})
@@ -389,6 +390,9 @@ def compare(
             dest.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive
             if not quick:
                 plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png", runs)
+    if record is None:
+        print(f"{dest.name} already holds every planned run: nothing to do")
+        return
     for s in record["summary"]:
         print(
             f"{s['clients']:3d} clients {s['label']:15s} "
