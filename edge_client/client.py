@@ -102,7 +102,7 @@ class FederatedClient:
         self.init_gradients = None  # the init is over
         self.backend = None  # a new adapter: the backend is rebuilt (re-exported) from the model
         load_adapter_state(self.model, state)
-        self.method.mark_trainable(self.model, self.job.adapter.modules_to_save)
+        self.method.mark_trainable(self.model, self.job.adapter.trained_modules)
         if self.job.federation.rank_mode == "truncate":
             set_active_rank(self.model, self.rank)  # rank-k compute: the client sees the block only
         elif self.rank < self.job.adapter.rank:

@@ -43,11 +43,19 @@ ARMS = [
     ("FFA-LoRA r=8", "ffa", 8),
     ("FedEx-LoRA r=8", "fedex", 8),
     ("FLoRA r=8", "flora", 8),
+    ("Fed-SB r=21, frozen head", "fedsb", 21),
 ]
 # Run with `--arms "Fed-SB r=24"`: a higher Fed-SB rank that still uploads >= 10x less than FedIT,
 # FedEx-LoRA and FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B).
-EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24)]
-REFERENCE = "Fed-SB r=16"  # the arm the paired gaps are taken from
+EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24), ("Fed-SB r=16, frozen head", "fedsb", 16)]
+# Config overrides of an arm beyond its method and rank. A frozen head (adapter.freeze_head: the
+# init's probe fits it, then it stays fixed) takes the head out of the upload, so the budget of
+# 10x less than FFA-LoRA r=8 buys rank 21 instead of 16.
+ARM_OVERRIDES: dict[str, dict[str, Any]] = {
+    "Fed-SB r=21, frozen head": {"adapter.freeze_head": True},
+    "Fed-SB r=16, frozen head": {"adapter.freeze_head": True},
+}
+REFERENCES = ("Fed-SB r=21, frozen head", "Fed-SB r=16")  # the arms paired gaps are taken from
 ALL_ARMS = ARMS + EXTRA_ARMS
 # (seed, clients): seed 0 of both fleets first, so a cut-short run still covers both. Seeds 3
 # and 4 were added after the first three could not separate gaps of 2-4 points (`--resume`).
@@ -72,7 +80,7 @@ QUICK = {
     "plan": [(0, 4)],
     "clients_per_round": None,
     "rounds": 2,
-    "arms": [ARMS[0], ARMS[1]],
+    "arms": [ARMS[0], ARMS[1], ARMS[5]],
     "overrides": {"data.max_train_examples": 400, "federation.local_steps": 2},
 }
 
@@ -98,11 +106,13 @@ def run_arm(
         "federation.clients_per_round": per_round,
         "federation.rounds": rounds,
         "simulation.transport": "inproc",
+        **ARM_OVERRIDES.get(label, {}),
         **extra,
     }
     job = load_config(ROOT / "examples" / "demo.toml", overrides)
     lrs = f"-lr{job.federation.lr:g}-h{job.federation.head_lr:g}"
-    run_dir = out / f"{method}-r{rank}-c{clients}-s{seed}{lrs}"
+    head = "-frozen-head" if job.adapter.freeze_head else ""
+    run_dir = out / f"{method}-r{rank}{head}-c{clients}-s{seed}{lrs}"
     summary = run_simulation(job, run_dir, transport="inproc", quiet=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -153,33 +163,47 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_gaps(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """Per fleet and other arm: `reference` minus that arm, seed by seed (same partition, same
-    client draws), so the seed-to-seed swing that both share cancels out."""
+def paired_gaps(runs: list[dict[str, Any]], references: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per reference arm, fleet and baseline (an arm not among the references): the reference
+    minus that arm, seed by seed (same partition, same client draws), so the seed-to-seed swing
+    that both share cancels out."""
     final = {(r["label"], r["clients"], r["seed"]): r["final_accuracy"] for r in runs}
+    labels = dict.fromkeys(r["label"] for r in runs)
+    baselines = [label for label in labels if label not in references]
+    return [
+        row
+        for reference in references
+        for clients in sorted({r["clients"] for r in runs})
+        for row in gaps_against(final, reference, clients, baselines)
+    ]
+
+
+def gaps_against(
+    final: dict[tuple[str, int, int], float], reference: str, clients: int, baselines: list[str]
+) -> list[dict[str, Any]]:
+    """`reference` minus each baseline at one fleet size, over the seeds both ran."""
     rows = []
-    for clients in sorted({r["clients"] for r in runs}):
-        for label in dict.fromkeys(r["label"] for r in runs if r["label"] != reference):
-            seeds = sorted(
-                seed
-                for (arm, fleet, seed) in final
-                if (arm, fleet) == (label, clients) and (reference, clients, seed) in final
-            )
-            if not seeds:
-                continue
-            gaps = [final[reference, clients, s] - final[label, clients, s] for s in seeds]
-            rows.append(
-                {
-                    "clients": clients,
-                    "reference": reference,
-                    "against": label,
-                    "seeds": seeds,
-                    "gap_per_seed": gaps,
-                    "gap_mean": statistics.mean(gaps),
-                    "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
-                    "reference_ahead_or_level": sum(g >= 0 for g in gaps),
-                }
-            )
+    for label in baselines:
+        seeds = sorted(
+            seed
+            for (arm, fleet, seed) in final
+            if (arm, fleet) == (label, clients) and (reference, clients, seed) in final
+        )
+        if not seeds:
+            continue
+        gaps = [final[reference, clients, s] - final[label, clients, s] for s in seeds]
+        rows.append(
+            {
+                "clients": clients,
+                "reference": reference,
+                "against": label,
+                "seeds": seeds,
+                "gap_per_seed": gaps,
+                "gap_mean": statistics.mean(gaps),
+                "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+                "reference_ahead_or_level": sum(g >= 0 for g in gaps),
+            }
+        )
     return rows
 
 
@@ -267,6 +291,8 @@ def tune(arms: list[tuple[str, str, int]], out: Path, *, redo: bool = False) -> 
                 key = (label, lr, head_lr)
                 if any((r["label"], r["lr"], r["head_lr"]) == key for r in done):
                     continue
+                if head_is_frozen(label) and head_lr != GRID["head_lr"][-1]:
+                    continue  # the head lr is unused: one grid column is enough
                 extra = TUNE["overrides"] | {"federation.lr": lr, "federation.head_lr": head_lr}
                 run = run_arm(
                     label, method, rank, clients, per_round, seed, TUNE["rounds"], out, extra
@@ -303,6 +329,11 @@ def tune(arms: list[tuple[str, str, int]], out: Path, *, redo: bool = False) -> 
             f"chosen {label:15s} lr {pick['lr']:g} head_lr {pick['head_lr']:g} "
             f"score {100 * pick['score']:.1f}%"
         )
+
+
+def head_is_frozen(label: str) -> bool:
+    """Does the arm keep the probed head fixed (so its head learning rate is unused)?"""
+    return bool(ARM_OVERRIDES.get(label, {}).get("adapter.freeze_head"))
 
 
 def tuned_learning_rates(arms: list[tuple[str, str, int]]) -> dict[str, dict[str, float]]:
@@ -384,7 +415,7 @@ def compare(
                 ),
                 "wall_seconds": round(earlier["wall_seconds"] + time.time() - started, 1),
                 "summary": summarise(runs),
-                "paired_gaps": paired_gaps(runs, REFERENCE),
+                "paired_gaps": paired_gaps(runs, REFERENCES),
                 "runs": runs,
             }
             dest.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive
@@ -441,7 +472,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.replot:
         record = json.loads((RESULTS / "accuracy_comm.json").read_text())
-        record["paired_gaps"] = paired_gaps(record["runs"], REFERENCE)
+        record["paired_gaps"] = paired_gaps(record["runs"], REFERENCES)
         (RESULTS / "accuracy_comm.json").write_text(json.dumps(record, indent=2) + "\n")
         plot(record["summary"], ROOT / "docs" / "img" / "accuracy_comm.png", record["runs"])
         return

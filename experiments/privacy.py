@@ -106,7 +106,7 @@ def ghost_timing(job: JobConfig, steps: int = 3) -> dict[str, dict[str, float]]:
     for method in ("fedsb", "fedit"):
         model = apply_lora_sb(copy.deepcopy(fleet.base_model), job.lora_config())
         get_method(method).initialise(model, seed=0)
-        get_method(method).mark_trainable(model, job.adapter.modules_to_save)
+        get_method(method).mark_trainable(model, job.adapter.trained_modules)
         timing[method] = {}
         for mode in ("hooks", "ghost"):
             settings = DPSGDSettings(1.0, 1.0, job.federation.batch_size / len(data), 16, mode)

@@ -67,6 +67,7 @@ def lora_config_of(description: dict[str, Any]) -> LoraSBConfig:
         alpha=a.get("alpha"),
         target_modules=a.get("target_modules"),
         modules_to_save=tuple(a.get("modules_to_save", ())),
+        freeze_head=bool(a.get("freeze_head", False)),
     )
 
 
@@ -83,7 +84,7 @@ def load_adapted_model(adapter_dir: str | Path, job: JobConfig | None = None) ->
     model, tokenizer = load_classifier(description["base_model"], description["num_labels"])
     apply_lora_sb(model, lora)
     load_adapter_state(model, load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
-    mark_trainable(model, lora.modules_to_save)
+    mark_trainable(model, lora.trained_modules)
     model.eval()
     return AdaptedModel(model, tokenizer, description, lora)
 

@@ -45,6 +45,7 @@ class LoraSBConfig:
     init_lr: float = 1e-3  # η of the estimated first Adam step −η·sign(G)
     init_probe_steps: int = 30  # head-only steps before G is taken (0: G under the initial head)
     init_probe_lr: float = 1e-2
+    freeze_head: bool = False  # keep the probe's head and freeze it: the upload is R alone
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +63,18 @@ class LoraSBConfig:
         object.__setattr__(
             self, "modules_to_save", (saved,) if isinstance(saved, str) else tuple(saved)
         )
+        if self.freeze_head and not (
+            self.modules_to_save and self.init == "lora-sb" and self.init_probe_steps > 0
+        ):
+            raise ConfigError(
+                "freeze_head keeps the head the init's probe fitted: it needs modules_to_save, "
+                "init='lora-sb' and init_probe_steps > 0"
+            )
+
+    @property
+    def trained_modules(self) -> tuple[str, ...]:
+        """The `modules_to_save` that train every round (none when the head is frozen)."""
+        return () if self.freeze_head else tuple(self.modules_to_save)
 
     @property
     def scaling(self) -> float:
@@ -169,7 +182,8 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
 def apply_lora_sb(model: nn.Module, config: LoraSBConfig) -> nn.Module:
     """Replace every targeted layer of `model` with a `LoraSBLayer` and freeze all but R.
 
-    Parameters of `config.modules_to_save` stay trainable. The model is changed in place
+    Parameters of `config.modules_to_save` stay trainable (unless `config.freeze_head`: they are
+    fitted once by the init's head probe, then frozen). The model is changed in place
     and returned. Call an initialiser (`init_lora_sb`) before training: A, B, R start at 0.
     """
     targets = resolve_targets(model, config.target_modules)
@@ -186,7 +200,7 @@ def apply_lora_sb(model: nn.Module, config: LoraSBConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoraSBLayer(model.get_submodule(name), config.rank, config.scaling))
-    mark_trainable(model, config.modules_to_save)
+    mark_trainable(model, config.trained_modules)
     model.fedsb_config = config  # type: ignore[assignment]
     return model
 

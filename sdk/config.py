@@ -70,6 +70,11 @@ class AdapterSection(Section):
         "head on only their few init examples",
     )
     init_probe_lr: float = Field(1e-2, gt=0, description="learning rate of those probe steps")
+    freeze_head: bool = Field(
+        False,
+        description="keep modules_to_save as the lora-sb init's head probe fitted them and never "
+        "train them: they travel once with B and A, and each round's upload is R alone",
+    )
     init_oversample: int = Field(
         8, ge=0, description="lora-sb-federated: sketch columns beyond the rank (r + p)"
     )
@@ -91,6 +96,22 @@ class AdapterSection(Section):
         if self.init_probe_steps is not None:
             return self.init_probe_steps
         return 0 if self.init.startswith("lora-sb-federated") else CENTRAL_PROBE_STEPS
+
+    @property
+    def trained_modules(self) -> list[str]:
+        """The modules_to_save that train every round (none when the head is frozen)."""
+        return [] if self.freeze_head else list(self.modules_to_save)
+
+    @model_validator(mode="after")
+    def _frozen_head_is_probed(self) -> AdapterSection:
+        if self.freeze_head and not self.modules_to_save:
+            raise ValueError("freeze_head needs a head in modules_to_save")
+        if self.freeze_head and (self.init != "lora-sb" or self.probe_steps == 0):
+            raise ValueError(
+                "freeze_head keeps the head fitted by the init's probe: it needs "
+                "init = 'lora-sb' and init_probe_steps > 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> AdapterSection:
@@ -256,6 +277,11 @@ class JobConfig(Section):
     def _ranks_fit(self) -> JobConfig:
         if self.adapter.init.startswith("lora-sb-federated") and self.federation.method != "fedsb":
             raise ValueError(f"adapter.init = {self.adapter.init!r} needs method = 'fedsb'")
+        if self.adapter.freeze_head and self.federation.method != "fedsb":
+            raise ValueError(
+                "adapter.freeze_head needs method = 'fedsb' (only Fed-SB runs the init that "
+                "fits the head)"
+            )
         ranks = self.federation.client_ranks or []
         if any(r > self.adapter.rank for r in ranks):
             raise ValueError(
@@ -283,6 +309,7 @@ class JobConfig(Section):
             init_lr=a.init_lr,
             init_probe_steps=a.probe_steps,
             init_probe_lr=a.init_probe_lr,
+            freeze_head=a.freeze_head,
             seed=self.seed,
         )
 

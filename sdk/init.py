@@ -203,28 +203,36 @@ def base_gradient_sums(
 class HeadProbe:
     """Fit the saved modules (the head) alone before W0's gradient is taken: `steps` full-batch
     AdamW steps at `lr` on the init examples. Under a freshly initialised head the gradient
-    points at random class directions; under a fitted one it points where fine-tuning goes."""
+    points at random class directions; under a fitted one it points where fine-tuning goes.
+    The fitted head is put back to its initial values unless `keep` (a frozen head)."""
 
     modules: tuple[str, ...] = ()
     steps: int = 0
     lr: float = 1e-2
+    keep: bool = False
 
     @classmethod
     def of(cls, config: LoraSBConfig) -> HeadProbe:
         """The probe a `LoraSBConfig` asks for."""
-        return cls(tuple(config.modules_to_save), config.init_probe_steps, config.init_probe_lr)
+        return cls(
+            tuple(config.modules_to_save),
+            config.init_probe_steps,
+            config.init_probe_lr,
+            keep=config.freeze_head,
+        )
 
 
 @contextlib.contextmanager
 def probed_head(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], probe: HeadProbe
 ) -> Iterator[None]:
-    """Inside the block the head is fitted by `probe`; on exit its values are restored."""
+    """Inside the block the head is fitted by `probe`; on exit its values are restored
+    (unless `probe.keep`, then the fitted head stays)."""
     params = saved_parameters(model, probe.modules)
     if probe.steps == 0 or not params:
         yield
         return
-    saved = [(p, p.detach().clone()) for p in params]
+    saved = [] if probe.keep else [(p, p.detach().clone()) for p in params]
     try:
         fit_parameters(model, params, batches, probe.steps, probe.lr)  # restores requires_grad
         yield

@@ -90,5 +90,5 @@ def initial_server_model(job: JobConfig, fleet: FleetSetup) -> tuple[nn.Module, 
         init_lora_sb(model, batches if lora.init == "lora-sb" else None, lora)
     else:
         method.initialise(model, seed=job.seed)
-    method.mark_trainable(model, job.adapter.modules_to_save)
+    method.mark_trainable(model, job.adapter.trained_modules)
     return model, method

@@ -42,6 +42,23 @@ BAD_CONFIGS = [
     ({"adapter": {"init": "gauss"}}, r"^adapter\.init: "),
     ({"adapter": {"init_lr": 0}}, r"^adapter\.init_lr: "),
     ({"adapter": {"init_probe_steps": -1}}, r"^adapter\.init_probe_steps: .*greater than or equal"),
+    (
+        {"adapter": {"freeze_head": True, "modules_to_save": []}},
+        r"^adapter: freeze_head needs a head in modules_to_save \(got",
+    ),
+    (
+        {"adapter": {"freeze_head": True, "init_probe_steps": 0}},
+        r"^adapter: freeze_head keeps the head fitted by the init's probe: it needs "
+        r"init = 'lora-sb' and init_probe_steps > 0 \(got",
+    ),
+    (
+        {"adapter": {"freeze_head": True, "init": "lora-sb-federated", "init_probe_steps": 5}},
+        r"^adapter: freeze_head keeps the head fitted by the init's probe",
+    ),
+    (
+        {"adapter": {"freeze_head": True}, "federation": {"method": "ffa"}},
+        r"^config: adapter\.freeze_head needs method = 'fedsb'",
+    ),
     ({"data": {"alpha": 0}}, r"^data\.alpha: "),
     ({"data": {"partition": "random"}}, r"^data\.partition: "),
     ({"data": {"dataset": "file"}}, r"^data: dataset = 'file' needs data\.path"),

@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from fedsb.adapter import trainable_state
 from fedsb.cli import run_simulation
+from fedsb.export.adapter_dir import load_adapted_model
 from fedsb.methods import METHODS
 
 
@@ -49,6 +52,35 @@ def test_fedsb_upload_is_r_squared_per_layer_plus_head(tiny_config, tmp_path):
     # tiny BERT: 2 layers × 6 targets, rank 4, float32; head 21×32 + 21
     raw = 12 * 4 * 4 * 4 + (21 * 32 + 21) * 4
     assert raw < row["upload_bytes_per_client"] <= raw + 640  # fixed envelope: names + meta
+
+
+def frozen_head_job(model_dir, rounds: int):
+    from conftest import tiny_job
+
+    from fedsb.config import parse_config
+
+    raw = tiny_job(model_dir, rounds=rounds)
+    raw["adapter"] |= {"freeze_head": True}
+    return parse_config(raw)
+
+
+def test_frozen_head_uploads_r_alone_and_never_changes(tiny_model_dir, tmp_path):
+    """adapter.freeze_head: the probed head travels once in the adapter, never per round."""
+    run_simulation(frozen_head_job(tiny_model_dir, 1), tmp_path / "one", quiet=True)
+    two = run_simulation(frozen_head_job(tiny_model_dir, 2), tmp_path / "two", quiet=True)
+    assert all(k.endswith(".R") for k in two["final_state"]) and len(two["final_state"]) == 12
+    row = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[1])
+    raw = 12 * 4 * 4 * 4  # 2 layers × 6 targets, rank 4, float32: no head
+    assert raw < row["upload_bytes_per_client"] <= raw + 640
+    heads = [
+        load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("one", "two")
+    ]
+    names = [k for k in heads[0] if k.startswith("classifier.")]
+    assert sorted(names) == ["classifier.bias", "classifier.weight"]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in names)  # round 2 left it as it was
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0] if k.endswith(".R"))
+    reloaded = load_adapted_model(tmp_path / "two" / "adapter").model  # the head stays frozen
+    assert sorted(trainable_state(reloaded)) == sorted(two["final_state"])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -37,6 +37,22 @@ def clients_per_round(run_dir: Path) -> list[int]:
     return [row["clients"] for row in rows if row["round"] > 0]
 
 
+def test_frozen_head_over_mqtt_matches_inproc(tiny_model_dir, tmp_path):
+    """The edge clients get the probed head once, with B and A, and upload R alone."""
+    from conftest import tiny_job
+
+    from fedsb.config import parse_config
+
+    raw = tiny_job(tiny_model_dir, clients=3, rounds=2)
+    raw["adapter"] |= {"freeze_head": True}
+    job = parse_config(raw)
+    inproc = run_simulation(job, tmp_path / "i", transport="inproc", quiet=True)
+    mqtt = run_simulation(job, tmp_path / "m", transport="mqtt", quiet=True)
+    assert_same_state(inproc["final_state"], mqtt["final_state"])
+    assert inproc["accuracy_after"] == mqtt["accuracy_after"]
+    assert all(k.endswith(".R") for k in mqtt["final_state"])
+
+
 @pytest.mark.parametrize("method", ["fedit", "flora"])
 def test_baselines_over_mqtt_match_inproc(tiny_config, tmp_path, method):
     job = tiny_config(clients=3, rounds=2, method=method)

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.adapter import LoraSBConfig, apply_lora_sb, dense_weight, lora_layers
+from fedsb.adapter import (
+    LoraSBConfig,
+    apply_lora_sb,
+    dense_weight,
+    lora_layers,
+    trainable_state,
+)
 from fedsb.errors import ConfigError, ModelError
 from fedsb.init import init_lora_sb
 
@@ -49,7 +55,9 @@ def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
 
 
-def lora_sb_model(case: ModelCase, probe_steps: int = 0) -> tuple[nn.Module, nn.Module, list]:
+def lora_sb_model(
+    case: ModelCase, probe_steps: int = 0, freeze_head: bool = False
+) -> tuple[nn.Module, nn.Module, list]:
     """(adapted model before init, untouched float64 copy of the base, the init batches).
 
     The head probe is off unless asked for: most tests check the gradient under the initial head.
@@ -64,6 +72,7 @@ def lora_sb_model(case: ModelCase, probe_steps: int = 0) -> tuple[nn.Module, nn.
         init_samples=INIT_SAMPLES,
         init_probe_steps=probe_steps,
         init_probe_lr=PROBE_LR,
+        freeze_head=freeze_head,
     )
     apply_lora_sb(model, config)
     batches = make_batches(3, batch_size=4, seed=7)
@@ -175,9 +184,33 @@ def test_head_probe_steers_the_init_and_restores_the_head(case: ModelCase) -> No
     assert moved > 1e-4  # the probe did change the directions
 
 
+def test_frozen_head_keeps_the_probed_head_and_only_r_trains(case: ModelCase) -> None:
+    """freeze_head: the same B, A as the restoring probe, the fitted head kept, and frozen."""
+    model, reference, batches = lora_sb_model(case, probe_steps=PROBE_STEPS, freeze_head=True)
+    restored, _, _ = lora_sb_model(case, probe_steps=PROBE_STEPS)
+    init_lora_sb(model, batches)
+    init_lora_sb(restored, batches)
+
+    probed_reference_head(reference, case.head, batches)
+    fitted = dict(reference.get_submodule(case.head).named_parameters())
+    for n, p in model.get_submodule(case.head).named_parameters():
+        assert (p - fitted[n]).abs().max() <= TOL, n
+        assert not p.requires_grad, n
+    assert sorted(trainable_state(model)) == sorted(f"{n}.R" for n in lora_layers(model))
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.delta_weight(), lora_layers(restored)[name].delta_weight())
+
+
 def test_head_probe_config_errors() -> None:
     with pytest.raises(ConfigError, match="init_probe_steps must be >= 0, got -1"):
         LoraSBConfig(rank=2, init_probe_steps=-1)
+    needs = "freeze_head keeps the head the init's probe fitted: it needs modules_to_save"
+    with pytest.raises(ConfigError, match=needs):
+        LoraSBConfig(rank=2, freeze_head=True)  # no head to freeze
+    with pytest.raises(ConfigError, match=needs):
+        LoraSBConfig(rank=2, modules_to_save=["classifier"], init_probe_steps=0, freeze_head=True)
+    with pytest.raises(ConfigError, match=needs):
+        LoraSBConfig(rank=2, modules_to_save=["classifier"], init="svd", freeze_head=True)
 
 
 def test_svd_init(case: ModelCase) -> None:

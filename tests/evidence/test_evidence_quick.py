@@ -83,11 +83,17 @@ def test_accuracy_comm_quick_run_learns_and_counts_upload() -> None:
     record = run_quick("experiments/accuracy_comm.py", "accuracy_comm_quick.json")
     summary = {s["label"]: s for s in record["summary"]}
     fedsb, fedit = summary["Fed-SB r=16"], summary["FedIT r=8"]
+    frozen = summary["Fed-SB r=21, frozen head"]
     assert fedit["upload_bytes_per_client_round"] > 10 * fedsb["upload_bytes_per_client_round"]
+    # no head in the upload: 36 R blocks of 21×21 float32 and the envelope
+    assert 36 * 21 * 21 * 4 < frozen["upload_bytes_per_client_round"] <= 36 * 21 * 21 * 4 + 700
     assert fedsb["accuracy_mean"] > 0.15  # 21 classes: chance is 4.8%
+    assert frozen["accuracy_mean"] > 0.15
     assert len(record["runs"][0]["accuracy_per_round"]) == record["rounds"] + 1
-    (gap,) = record["paired_gaps"]  # one fleet, one other arm, seed 0
-    assert (gap["reference"], gap["against"], gap["seeds"]) == ("Fed-SB r=16", "FedIT r=8", [0])
+    gaps = {(g["reference"], g["against"]): g for g in record["paired_gaps"]}  # 1 fleet, seed 0
+    assert set(gaps) == {("Fed-SB r=21, frozen head", "FedIT r=8"), ("Fed-SB r=16", "FedIT r=8")}
+    gap = gaps["Fed-SB r=16", "FedIT r=8"]
+    assert gap["seeds"] == [0]
     assert gap["gap_mean"] == fedsb["accuracy_mean"] - fedit["accuracy_mean"]
 
 
