@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fedsb.cli import Simulation
 from fedsb.config import parse_config
 
@@ -20,9 +22,14 @@ def run(job, out: Path) -> tuple[Simulation, dict]:
     return sim, sim.finish() | {"start_state": start}
 
 
-def test_mixed_backends_match_a_torch_only_run(tiny_model_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("freeze_head", [False, True], ids=["trained-head", "frozen-head"])
+def test_mixed_backends_match_a_torch_only_run(
+    tiny_model_dir: Path, tmp_path: Path, freeze_head: bool
+):
+    """Every runtime trains the same R (and head, unless frozen: then R alone is trainable)."""
     backends = BACKENDS
     raw = tiny_job_dict(tiny_model_dir, clients=len(backends) + 1, rounds=3, lr=0.5, head_lr=0.2)
+    raw["adapter"] = raw.get("adapter", {}) | {"freeze_head": freeze_head}
     torch_job = parse_config(raw)
     raw["simulation"]["backends"] = backends
     mixed_job = parse_config(raw)
@@ -34,6 +41,7 @@ def test_mixed_backends_match_a_torch_only_run(tiny_model_dir: Path, tmp_path: P
     assert names == ["TorchBackend", "OnnxRuntimeBackend", "ExecuTorchBackend", "TorchBackend"]
     a, b = mixed_summary["final_state"], torch_summary["final_state"]
     assert a.keys() == b.keys()
+    assert any(k.startswith("classifier.") for k in a) is not freeze_head
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float((a[k] - mixed_summary["start_state"][k]).abs().max()) for k in a)
     print(f"mixed {backends} vs torch-only, 3 rounds: max |Δ final state| = {gap:.2e}")
