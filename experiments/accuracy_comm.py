@@ -47,13 +47,18 @@ ARMS = [
 ]
 # Run with `--arms "Fed-SB r=24"`: a higher Fed-SB rank that still uploads >= 10x less than FedIT,
 # FedEx-LoRA and FLoRA r=8 (36 R blocks of 24x24 + the head: 115,900 B vs 1,360,380 B).
-EXTRA_ARMS = [("Fed-SB r=24", "fedsb", 24), ("Fed-SB r=16, frozen head", "fedsb", 16)]
+EXTRA_ARMS = [
+    ("Fed-SB r=24", "fedsb", 24),
+    ("Fed-SB r=16, frozen head", "fedsb", 16),
+    ("FFA-LoRA r=8, frozen head", "ffa", 8),  # the ablation: does the frozen head alone help?
+]
 # Config overrides of an arm beyond its method and rank. A frozen head (adapter.freeze_head: the
 # init's probe fits it, then it stays fixed) takes the head out of the upload, so the budget of
 # 10x less than FFA-LoRA r=8 buys rank 21 instead of 16.
 ARM_OVERRIDES: dict[str, dict[str, Any]] = {
     "Fed-SB r=21, frozen head": {"adapter.freeze_head": True},
     "Fed-SB r=16, frozen head": {"adapter.freeze_head": True},
+    "FFA-LoRA r=8, frozen head": {"adapter.freeze_head": True},
 }
 REFERENCES = ("Fed-SB r=21, frozen head", "Fed-SB r=16")  # the arms paired gaps are taken from
 ALL_ARMS = ARMS + EXTRA_ARMS

@@ -73,7 +73,8 @@ class AdapterSection(Section):
     freeze_head: bool = Field(
         False,
         description="keep modules_to_save as the lora-sb init's head probe fitted them and never "
-        "train them: they travel once with B and A, and each round's upload is R alone",
+        "train them: they travel once with the adapter, and each round's upload is R alone "
+        "(the baselines fit the same head on the same init examples)",
     )
     init_oversample: int = Field(
         8, ge=0, description="lora-sb-federated: sketch columns beyond the rank (r + p)"
@@ -277,11 +278,6 @@ class JobConfig(Section):
     def _ranks_fit(self) -> JobConfig:
         if self.adapter.init.startswith("lora-sb-federated") and self.federation.method != "fedsb":
             raise ValueError(f"adapter.init = {self.adapter.init!r} needs method = 'fedsb'")
-        if self.adapter.freeze_head and self.federation.method != "fedsb":
-            raise ValueError(
-                "adapter.freeze_head needs method = 'fedsb' (only Fed-SB runs the init that "
-                "fits the head)"
-            )
         ranks = self.federation.client_ranks or []
         if any(r > self.adapter.rank for r in ranks):
             raise ValueError(

@@ -69,6 +69,21 @@ def init_lora_sb(
     return model
 
 
+def fit_frozen_head(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], config: LoraSBConfig
+) -> None:
+    """Fit `modules_to_save` alone as the head probe does, and keep them: the frozen head of a
+    method that does not run the LoRA-SB init (a baseline with `freeze_head`)."""
+    examples = first_examples(batches, config.init_samples)
+    params = saved_parameters(model, config.modules_to_save)
+    was_training = model.training
+    model.eval()  # as the probe: no dropout
+    try:
+        fit_parameters(model, params, examples, config.init_probe_steps, config.init_probe_lr)
+    finally:
+        model.train(was_training)
+
+
 def best_rank_approximation(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     """(U_r, S_r, V_rᵀ) of the best rank-r approximation, in float64."""
     m = matrix.detach().to(torch.float64)

@@ -17,7 +17,7 @@ from .adapter import apply_lora_sb
 from .config import JobConfig
 from .data import DatasetSplit, TextDataset, load_dataset, partition
 from .data.split import stratified_split
-from .init import init_lora_sb
+from .init import fit_frozen_head, init_lora_sb
 from .init_federated import FEDERATED_INITS
 from .methods import Method, get_method
 from .models import load_classifier
@@ -90,5 +90,8 @@ def initial_server_model(job: JobConfig, fleet: FleetSetup) -> tuple[nn.Module, 
         init_lora_sb(model, batches if lora.init == "lora-sb" else None, lora)
     else:
         method.initialise(model, seed=job.seed)
+        if lora.freeze_head:  # the same head Fed-SB's probe fits: its ΔW is zero then too
+            batches = sequential_batches(init_examples(fleet, lora.init_samples, job.seed), 16)
+            fit_frozen_head(model, batches, lora)
     method.mark_trainable(model, job.adapter.trained_modules)
     return model, method

@@ -55,10 +55,6 @@ BAD_CONFIGS = [
         {"adapter": {"freeze_head": True, "init": "lora-sb-federated", "init_probe_steps": 5}},
         r"^adapter: freeze_head keeps the head fitted by the init's probe",
     ),
-    (
-        {"adapter": {"freeze_head": True}, "federation": {"method": "ffa"}},
-        r"^config: adapter\.freeze_head needs method = 'fedsb'",
-    ),
     ({"data": {"alpha": 0}}, r"^data\.alpha: "),
     ({"data": {"partition": "random"}}, r"^data\.partition: "),
     ({"data": {"dataset": "file"}}, r"^data: dataset = 'file' needs data\.path"),

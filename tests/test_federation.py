@@ -54,12 +54,12 @@ def test_fedsb_upload_is_r_squared_per_layer_plus_head(tiny_config, tmp_path):
     assert raw < row["upload_bytes_per_client"] <= raw + 640  # fixed envelope: names + meta
 
 
-def frozen_head_job(model_dir, rounds: int):
+def frozen_head_job(model_dir, rounds: int, method: str = "fedsb"):
     from conftest import tiny_job
 
     from fedsb.config import parse_config
 
-    raw = tiny_job(model_dir, rounds=rounds)
+    raw = tiny_job(model_dir, rounds=rounds, method=method)
     raw["adapter"] |= {"freeze_head": True}
     return parse_config(raw)
 
@@ -81,6 +81,19 @@ def test_frozen_head_uploads_r_alone_and_never_changes(tiny_model_dir, tmp_path)
     assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0] if k.endswith(".R"))
     reloaded = load_adapted_model(tmp_path / "two" / "adapter").model  # the head stays frozen
     assert sorted(trainable_state(reloaded)) == sorted(two["final_state"])
+
+
+def test_a_baseline_freezes_the_same_head_fed_sb_probes(tiny_model_dir, tmp_path):
+    """FFA-LoRA with freeze_head fits the head Fed-SB's probe fits, and uploads B alone."""
+    fedsb = run_simulation(frozen_head_job(tiny_model_dir, 1), tmp_path / "sb", quiet=True)
+    ffa = run_simulation(frozen_head_job(tiny_model_dir, 1, "ffa"), tmp_path / "ffa", quiet=True)
+    assert fedsb["final_state"] and all(k.endswith(".R") for k in fedsb["final_state"])
+    assert ffa["final_state"] and all(k.endswith(".B") for k in ffa["final_state"])
+    sb, fa = (
+        load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("sb", "ffa")
+    )
+    for name in ("classifier.weight", "classifier.bias"):
+        assert torch.equal(sb[name], fa[name]), name
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
