@@ -64,10 +64,15 @@ runs/flower-site/.installed:
 	$(PIP) install -q --target runs/flower-site "flwr[simulation]==1.42.0"
 	touch $@
 
+# the accuracy comparison's extra arms: a higher rank, and the frozen-head ablations
+ACCURACY_EXTRA_ARMS := "Fed-SB r=24" "Fed-SB r=16, frozen head" "FFA-LoRA r=8, frozen head"
+
 experiments: install-dev
 	$(PY) experiments/communication.py
 	$(PY) experiments/accuracy_comm.py --tune  # per-method lrs on validation data; resumes from its JSON
 	$(PY) experiments/accuracy_comm.py
+	$(PY) experiments/accuracy_comm.py --tune --arms $(ACCURACY_EXTRA_ARMS)
+	$(PY) experiments/accuracy_comm.py --arms $(ACCURACY_EXTRA_ARMS)
 	$(PY) experiments/hetero_ranks.py
 	$(PY) experiments/privacy.py  # needs opacus (the dp extra, in install-dev)
 

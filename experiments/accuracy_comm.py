@@ -169,12 +169,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_gaps(runs: list[dict[str, Any]], references: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per reference arm, fleet and baseline (an arm not among the references): the reference
-    minus that arm, seed by seed (same partition, same client draws), so the seed-to-seed swing
-    that both share cancels out."""
+    """Per reference arm, fleet and baseline (every arm that is not Fed-SB): the reference minus
+    that arm, seed by seed (same partition, same client draws), so the seed-to-seed swing that
+    both share cancels out."""
     final = {(r["label"], r["clients"], r["seed"]): r["final_accuracy"] for r in runs}
     labels = dict.fromkeys(r["label"] for r in runs)
-    baselines = [label for label in labels if label not in references]
+    baselines = [label for label in labels if not label.startswith("Fed-SB")]
     return [
         row
         for reference in references
