@@ -72,14 +72,14 @@ def init_lora_sb(
 def fit_frozen_head(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], config: LoraSBConfig
 ) -> None:
-    """Fit `modules_to_save` alone as the head probe does, and keep them: the frozen head of a
-    method that does not run the LoRA-SB init (a baseline with `freeze_head`)."""
+    """Run the head probe alone and keep its head: the frozen head of a method that does not run
+    the LoRA-SB init (a baseline with `freeze_head`), in eval mode as inside the init."""
     examples = first_examples(batches, config.init_samples)
-    params = saved_parameters(model, config.modules_to_save)
     was_training = model.training
-    model.eval()  # as the probe: no dropout
+    model.eval()
     try:
-        fit_parameters(model, params, examples, config.init_probe_steps, config.init_probe_lr)
+        with probed_head(model, examples, HeadProbe.of(config)):
+            pass
     finally:
         model.train(was_training)
 

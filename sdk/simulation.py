@@ -83,15 +83,14 @@ def initial_server_model(job: JobConfig, fleet: FleetSetup) -> tuple[nn.Module, 
     lora = job.lora_config()
     method = get_method(job.federation.method)
     model = apply_lora_sb(copy.deepcopy(fleet.base_model), lora)
+    batches = sequential_batches(init_examples(fleet, lora.init_samples, job.seed), 16)
     if lora.init in FEDERATED_INITS:
         pass  # B, A, R stay zero until the federation's init phase sets them
     elif method.name == "fedsb":
-        batches = sequential_batches(init_examples(fleet, lora.init_samples, job.seed), 16)
         init_lora_sb(model, batches if lora.init == "lora-sb" else None, lora)
     else:
         method.initialise(model, seed=job.seed)
         if lora.freeze_head:  # the same head Fed-SB's probe fits: its ΔW is zero then too
-            batches = sequential_batches(init_examples(fleet, lora.init_samples, job.seed), 16)
             fit_frozen_head(model, batches, lora)
     method.mark_trainable(model, job.adapter.trained_modules)
     return model, method

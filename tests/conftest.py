@@ -52,6 +52,13 @@ def tiny_job(model_dir: Path, **federation: object) -> dict:
     }
 
 
+def frozen_head_job(model_dir: Path, **federation: object):
+    """The tiny job with `adapter.freeze_head`: the probed head is kept and never trained."""
+    raw = tiny_job(model_dir, **federation)
+    raw["adapter"] |= {"freeze_head": True}
+    return parse_config(raw)
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir: Path):
     def make(**federation: object):

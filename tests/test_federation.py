@@ -54,20 +54,12 @@ def test_fedsb_upload_is_r_squared_per_layer_plus_head(tiny_config, tmp_path):
     assert raw < row["upload_bytes_per_client"] <= raw + 640  # fixed envelope: names + meta
 
 
-def frozen_head_job(model_dir, rounds: int, method: str = "fedsb"):
-    from conftest import tiny_job
-
-    from fedsb.config import parse_config
-
-    raw = tiny_job(model_dir, rounds=rounds, method=method)
-    raw["adapter"] |= {"freeze_head": True}
-    return parse_config(raw)
-
-
 def test_frozen_head_uploads_r_alone_and_never_changes(tiny_model_dir, tmp_path):
     """adapter.freeze_head: the probed head travels once in the adapter, never per round."""
-    run_simulation(frozen_head_job(tiny_model_dir, 1), tmp_path / "one", quiet=True)
-    two = run_simulation(frozen_head_job(tiny_model_dir, 2), tmp_path / "two", quiet=True)
+    from conftest import frozen_head_job
+
+    run_simulation(frozen_head_job(tiny_model_dir, rounds=1), tmp_path / "one", quiet=True)
+    two = run_simulation(frozen_head_job(tiny_model_dir, rounds=2), tmp_path / "two", quiet=True)
     assert all(k.endswith(".R") for k in two["final_state"]) and len(two["final_state"]) == 12
     row = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[1])
     raw = 12 * 4 * 4 * 4  # 2 layers × 6 targets, rank 4, float32: no head
@@ -85,8 +77,12 @@ def test_frozen_head_uploads_r_alone_and_never_changes(tiny_model_dir, tmp_path)
 
 def test_a_baseline_freezes_the_same_head_fed_sb_probes(tiny_model_dir, tmp_path):
     """FFA-LoRA with freeze_head fits the head Fed-SB's probe fits, and uploads B alone."""
-    fedsb = run_simulation(frozen_head_job(tiny_model_dir, 1), tmp_path / "sb", quiet=True)
-    ffa = run_simulation(frozen_head_job(tiny_model_dir, 1, "ffa"), tmp_path / "ffa", quiet=True)
+    from conftest import frozen_head_job
+
+    fedsb = run_simulation(frozen_head_job(tiny_model_dir, rounds=1), tmp_path / "sb", quiet=True)
+    ffa = run_simulation(
+        frozen_head_job(tiny_model_dir, rounds=1, method="ffa"), tmp_path / "ffa", quiet=True
+    )
     assert fedsb["final_state"] and all(k.endswith(".R") for k in fedsb["final_state"])
     assert ffa["final_state"] and all(k.endswith(".B") for k in ffa["final_state"])
     sb, fa = (

@@ -39,13 +39,9 @@ def clients_per_round(run_dir: Path) -> list[int]:
 
 def test_frozen_head_over_mqtt_matches_inproc(tiny_model_dir, tmp_path):
     """The edge clients get the probed head once, with B and A, and upload R alone."""
-    from conftest import tiny_job
+    from conftest import frozen_head_job
 
-    from fedsb.config import parse_config
-
-    raw = tiny_job(tiny_model_dir, clients=3, rounds=2)
-    raw["adapter"] |= {"freeze_head": True}
-    job = parse_config(raw)
+    job = frozen_head_job(tiny_model_dir, clients=3, rounds=2)
     inproc = run_simulation(job, tmp_path / "i", transport="inproc", quiet=True)
     mqtt = run_simulation(job, tmp_path / "m", transport="mqtt", quiet=True)
     assert_same_state(inproc["final_state"], mqtt["final_state"])
